@@ -1,0 +1,255 @@
+"""Typed configuration: a dataclass tree, strict YAML loading and ``a.b=c`` overrides.
+
+A YAML file holds only the deviations from the defaults below. Every key is checked: an unknown key is an
+error that names the file, the key and the closest valid name. Each field is documented once, here, through
+``opt(default, help)``; ``diffalign train --help`` prints these texts.
+
+The ``method`` section is polymorphic: ``method.name`` picks the dataclass (see ``diffalign.methods``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key at fault."""
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:  # noqa: A002
+    """A dataclass field with a default, a help text and optional allowed values."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = opt("", "hub id or local diffusers pipeline folder; the family (SD 1.x/2.x, SDXL) is "
+                              "read from its model_index.json")
+    vae: str | None = opt(None, "separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
+    variant: str | None = opt(None, "weights variant to load, e.g. fp16")
+    revision: str | None = opt(None, "hub revision")
+    vae_dtype: str = opt("float32", "VAE precision; SDXL's VAE overflows in float16 unless it is an fp16-fix VAE",
+                         ("float32", "float16", "bfloat16"))
+
+
+@dataclass
+class DataConfig:
+    path: str = opt("", "preference pairs: a datasets hub name, a folder or parquet file in the Pick-a-Pic "
+                        "schema, or a .jsonl file of {prompt, chosen, rejected} image paths")
+    format: str = opt("auto", "input format; auto picks jsonl for .jsonl files, pickapic otherwise",
+                      ("auto", "pickapic", "jsonl"))
+    split: str = opt("train", "split to read from a datasets name or folder")
+    resolution: int = opt(1024, "square training resolution in pixels")
+    crop: str = opt("center", "crop after resizing the short side to `resolution`", ("center", "random"))
+    hflip: float = opt(0.0, "probability of a horizontal flip")
+    paired_transforms: bool = opt(True, "winner and loser share one crop and flip decision")
+    ties: str = opt("drop", "pairs labelled 0.5: drop them (counted at start), or error",
+                    ("drop", "error"))
+    on_bad_image: str = opt("error", "a corrupt or missing image: raise naming the row and file, or drop the "
+                                     "WHOLE pair and count it", ("error", "skip_pair"))
+    caption_dropout: float = opt(0.0, "probability of replacing a prompt by the empty prompt (the official "
+                                      "Diffusion-DPO script uses 0.2; we default to 0)")
+    max_pairs: int | None = opt(None, "use only the first N pairs (after dropping ties)")
+    cache_dir: str | None = opt(None, "latent/text cache written by `diffalign cache`; used when set")
+    cache_dtype: str = opt("float16", "dtype of cached tensors", ("float16", "float32", "bfloat16"))
+    num_workers: int = opt(2, "dataloader worker processes for decoding images")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = opt(True, "train LoRA adapters (reference = adapters disabled); false = full fine-tuning "
+                              "with a frozen reference copy")
+    rank: int = opt(8, "LoRA rank r")
+    alpha: float | None = opt(None, "LoRA alpha; defaults to the rank (scale 1)")
+    target_modules: list = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get adapters")
+    init: str = opt("gaussian", "LoRA weight init passed to peft", ("gaussian", "default"))
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = opt(1, "pairs (or prompts) per process per micro-step")
+    grad_accum: int = opt(1, "micro-steps per optimizer step")
+    max_steps: int = opt(2000, "optimizer steps")
+    lr: float = opt(1e-5, "peak learning rate (not scaled by batch size)")
+    lr_scheduler: str = opt("constant_with_warmup", "diffusers scheduler name",
+                            ("constant", "constant_with_warmup", "linear", "cosine"))
+    warmup_steps: int = opt(0, "linear warmup steps")
+    optimizer: str = opt("adamw", "optimizer", ("adamw", "adafactor"))
+    weight_decay: float = opt(1e-2, "decoupled weight decay")
+    adam_betas: list = opt([0.9, 0.999], "AdamW betas")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null disables clipping")
+    mixed_precision: str = opt("no", "autocast precision; frozen weights are stored in it", ("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = opt(False, "recompute UNet activations in backward")
+    seed: int = opt(0, "global seed: data order, noise, timesteps")
+    checkpoint_every: int = opt(500, "write a checkpoint every N steps (0 = only the final weights)")
+    keep_last: int = opt(3, "checkpoints kept on disk (older ones are deleted)")
+    resume: str | None = opt(None, "`latest` or a checkpoint folder to continue from")
+    log_every: int = opt(10, "log metrics every N steps")
+    report_to: str = opt("tensorboard", "accelerate tracker", ("tensorboard", "wandb", "none"))
+
+
+@dataclass
+class Config:
+    name: str = opt("run", "run name; outputs go to output_dir")
+    output_dir: str = opt("", "run folder; defaults to runs/<name>")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: Any = None  # a method config dataclass chosen by method.name; see diffalign.methods
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            self.output_dir = str(Path("runs") / self.name)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or only defaults when ``path`` is None), apply ``a.b=c`` overrides, validate."""
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return build_config(raw, source)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (so 1e-5, true, [a, b] work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+
+
+def build_config(raw: dict, source: str = "<dict>") -> Config:
+    from diffalign.methods import method_config_class  # late import: methods import config
+
+    raw = dict(raw)
+    method_raw = dict(raw.pop("method", None) or {})
+    cfg = _build(Config, raw, source, "")
+    name = method_raw.get("name", "dpo")
+    cls = method_config_class(name, source)
+    cfg.method = _build(cls, method_raw, source, "method.")
+    return cfg
+
+
+def _build(cls: type, raw: dict, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: `{prefix.rstrip('.') or 'top level'}` must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key `{prefix}{key}`{_suggest(key, fields)}")
+        kwargs[key] = _coerce(hints[key], value, fields[key], source, prefix + key)
+    return cls(**kwargs)
+
+
+def _suggest(key: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(hint: Any, value: Any, fld: dataclasses.Field, source: str, key: str) -> Any:
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value or {}, source, key + ".")
+    allowed = _union_args(hint)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{source}: `{key}` cannot be null")
+    value = _to_type(value, [a for a in allowed if a is not type(None)], source, key)
+    choices = fld.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{source}: `{key}` = {value!r} is not one of {', '.join(choices)}"
+                          f"{_suggest(str(value), choices) if isinstance(value, str) else ''}")
+    return value
+
+
+def _union_args(hint: Any) -> tuple:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _to_type(value: Any, types_: list, source: str, key: str) -> Any:
+    for t in types_:
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+        elif t is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif t is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif t in (list, dict, str):
+            if isinstance(value, t):
+                return value
+        elif typing.get_origin(t) is list and isinstance(value, list):
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in types_)
+    raise ConfigError(f"{source}: `{key}` = {value!r} should be {names}")
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (for YAML dumps, manifests and tracker hyper-parameters)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe_options(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf option, for ``--help``."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe_options(hint, prefix + f.name + ".")
+        elif f.metadata.get("help"):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_ = f.metadata["help"]
+            if f.metadata.get("choices"):
+                help_ += f" [{' | '.join(f.metadata['choices'])}]"
+            rows.append((prefix + f.name, repr(default), help_))
+    return rows

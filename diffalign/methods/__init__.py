@@ -1,0 +1,20 @@
+"""Alignment methods. Each is a config dataclass whose ``loss(model, batch)`` returns ``(loss, metrics)``.
+
+A method sees only the model contract (``diffalign.models.base``) and batches already in latent space; it
+never names a model family. ``METHODS`` maps ``method.name`` to its class.
+"""
+
+from __future__ import annotations
+
+from diffalign.config import ConfigError
+from diffalign.methods.dpo import DiffusionDPO
+
+METHODS: dict[str, type] = {
+    "dpo": DiffusionDPO,
+}
+
+
+def method_config_class(name: str, source: str = "<config>") -> type:
+    if name not in METHODS:
+        raise ConfigError(f"{source}: unknown method.name {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
