@@ -205,26 +205,25 @@ def _union_args(hint: Any) -> tuple:
     return (hint,)
 
 
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:  # PyYAML reads 1e-5 (no dot) as a string
+        return float(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
 def _to_type(value: Any, types_: list, source: str, key: str) -> Any:
     for t in types_:
-        if t is bool:
-            if isinstance(value, bool):
-                return value
-        elif t is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-        elif t is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        elif t in (list, dict, str):
-            if isinstance(value, t):
-                return value
-        elif typing.get_origin(t) is list and isinstance(value, list):
+        base = typing.get_origin(t) or t
+        if base is float and _as_float(value) is not None:
+            return _as_float(value)
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base in (bool, list, dict, str) and isinstance(value, base):
             return value
     names = " or ".join(getattr(t, "__name__", str(t)) for t in types_)
     raise ConfigError(f"{source}: `{key}` = {value!r} should be {names}")

@@ -4,7 +4,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
+from diffalign import losses
 from diffalign.config import opt
+from diffalign.models.base import Cond, DiffusionModel
+
+
+@dataclass
+class PairNoise:
+    """One draw of (t, noise) shared by the winner and loser of each pair, with x_t and the target."""
+
+    t: Tensor        # [2B], t[i] == t[i + B]
+    x_t: Tensor      # [2B, C, h, w]
+    target: Tensor   # [2B, C, h, w]
+
+
+def noise_pairs(model: DiffusionModel, x0: Tensor) -> PairNoise:
+    """Forward-noise x0 = [winners; losers] with the same t and the same noise for both halves."""
+    b = x0.shape[0] // 2
+    t = model.sample_timesteps(b).repeat(2)
+    noise = torch.randn_like(x0[:b], dtype=torch.float32).repeat(2, 1, 1, 1)
+    return PairNoise(t=t, x_t=model.add_noise(x0, noise, t), target=model.target(x0, noise, t))
+
+
+def pair_errors(model: DiffusionModel, pn: PairNoise, cond: Cond) -> tuple[Tensor, Tensor]:
+    """Per-sample errors of the current predict() (policy, or reference inside model.reference())."""
+    err = losses.per_sample_mse(model.predict(pn.x_t, pn.t, cond), pn.target)   # [2B]
+    return err.chunk(2)
 
 
 @dataclass
@@ -12,3 +40,14 @@ class DiffusionDPO:
     name: str = opt("dpo", "method name")
     beta: float = opt(5000.0, "KL strength beta in the official -0.5*beta convention (5000 for SD1.5/SDXL "
                               "in the official code; the paper's SD1.5 runs use 2000)")
+
+    needs_reference = True
+    data = "pairs"
+
+    def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        x0, cond = model.encode_pairs(batch)
+        pn = noise_pairs(model, x0)
+        err_w, err_l = pair_errors(model, pn, cond)
+        with model.reference():
+            ref_err_w, ref_err_l = pair_errors(model, pn, cond)
+        return losses.diffusion_dpo(err_w, err_l, ref_err_w, ref_err_l, self.beta)

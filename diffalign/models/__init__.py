@@ -1,0 +1,36 @@
+"""Model families over diffusers pipelines. ``load_model`` detects the family from model_index.json."""
+
+from __future__ import annotations
+
+import torch
+
+from diffalign.config import ModelConfig
+from diffalign.models.base import Cond, DiffusionModel
+from diffalign.models.sd import SDModel
+from diffalign.models.sdxl import SDXLModel
+
+FAMILIES: dict[str, type[DiffusionModel]] = {cls.pipeline_class_name: cls for cls in (SDModel, SDXLModel)}
+
+__all__ = ["Cond", "DiffusionModel", "FAMILIES", "detect_family", "load_model"]
+
+
+def detect_family(pretrained: str, revision: str | None = None) -> type[DiffusionModel]:
+    """The family class for a hub id or local pipeline folder, from its model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    if not pretrained:
+        raise ValueError("model.pretrained is empty: give a hub id or a local diffusers pipeline folder")
+    try:
+        index = DiffusionPipeline.load_config(pretrained, revision=revision)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model.pretrained={pretrained!r}: cannot read model_index.json ({err})") from err
+    name = index.get("_class_name", "")
+    if name not in FAMILIES:
+        raise ValueError(f"model.pretrained={pretrained!r}: pipeline class {name!r} is not supported; "
+                         f"supported: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> DiffusionModel:
+    return detect_family(cfg.pretrained, cfg.revision).from_pretrained(cfg, device, dtype)

@@ -1,0 +1,257 @@
+"""The model contract: what every method may ask of a model family, and nothing more.
+
+Every method in diffalign operates on ``(x0, cond, t, x_t, target, prediction)`` in latent space. A model
+family (SD 1.x/2.x, SDXL, ...) is a small subclass of :class:`DiffusionModel` over the components of a diffusers
+pipeline; it overrides only how prompts become conditioning and how the UNet is called. The contract:
+
+    Cond              dataclass: hidden [B,L,D]; pooled [B,P] or None; time_ids [B,6] or None; repeat(n)
+    encode_prompt     prompts -> Cond                                  (family hook)
+    add_time_ids      Cond + original sizes + crops -> Cond            (family hook; identity for SD 1.x/2.x)
+    encode_images     pixels in [-1,1] -> (mean, std) of the scaled latent distribution
+    sample_latents    (mean, std) -> x0 = mean + std * eps
+    decode_latents    latents -> images in [0,1], differentiable
+    add_noise / target / eps_from_xt / sample_timesteps / alpha_bar   scheduler maths in fp32 (eps and v)
+    predict           (x_t, t, Cond) -> UNet output                    (family hook: _unet_kwargs)
+    reference()       context: predict() uses the reference (adapters disabled, or the frozen copy), no grad,
+                      restored in `finally`
+    encode_pairs      a preference batch (pixels or cached latents) -> (x0 [2B,...], Cond [2B])
+
+Adding to this list is an API change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from diffalign.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Cond:
+    """Prompt conditioning for a batch of B samples."""
+
+    hidden: Tensor                   # [B, L, D] text encoder hidden states
+    pooled: Tensor | None = None     # [B, P] pooled text embedding (SDXL)
+    time_ids: Tensor | None = None   # [B, 6] micro-conditioning (SDXL)
+
+    def map(self, fn: Any) -> Cond:
+        return Cond(**{k: None if v is None else fn(v) for k, v in self.tensors().items()})
+
+    def tensors(self) -> dict[str, Tensor | None]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def repeat(self, n: int) -> Cond:
+        """[c; c; ...; c]: n copies stacked on the batch axis (winner block, loser block, ...)."""
+        return self.map(lambda v: torch.cat([v] * n))
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Cond:
+        return self.map(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None))
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "module", None) or module._orig_mod
+    return module
+
+
+class DiffusionModel:
+    """Shared maths and plumbing over a diffusers UNet, VAE, text encoders and training scheduler."""
+
+    pipeline_class_name: ClassVar[str]   # the diffusers pipeline this family wraps
+
+    def __init__(self, unet: torch.nn.Module, vae: torch.nn.Module, text_encoders: list, tokenizers: list,
+                 scheduler: Any, source: str = "") -> None:
+        self.unet = unet
+        self.vae = vae
+        self.text_encoders = text_encoders
+        self.tokenizers = tokenizers
+        self.scheduler = scheduler
+        self.source = source
+        self.ref_unet: torch.nn.Module | None = None   # frozen copy for full fine-tuning; None with LoRA
+        self._active: torch.nn.Module | None = None      # set inside reference()
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+        self.num_timesteps: int = scheduler.config.num_train_timesteps
+        self.prediction_type: str = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"{source}: prediction_type {self.prediction_type!r} is not supported")
+
+    # ------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, cfg: ModelConfig, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> DiffusionModel:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        src = cfg.pretrained
+        kw = {"revision": cfg.revision}
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", variant=cfg.variant,
+                                                    torch_dtype=dtype, **kw)
+        vae_dtype = DTYPES[cfg.vae_dtype]
+        if cfg.vae:
+            vae = AutoencoderKL.from_pretrained(cfg.vae, torch_dtype=vae_dtype)
+        else:
+            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", variant=cfg.variant,
+                                                torch_dtype=vae_dtype, **kw)
+        scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+        tokenizers, encoders = cls._load_text(src, cfg.variant, dtype, kw)
+        model = cls(unet, vae, encoders, tokenizers, scheduler, source=src)
+        model.to(device)
+        for module in model.modules():
+            module.requires_grad_(False).eval()
+        return model
+
+    @classmethod
+    def _load_text(cls, src: str, variant: str | None, dtype: torch.dtype, kw: dict) -> tuple[list, list]:
+        raise NotImplementedError
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, *self.text_encoders]
+
+    def to(self, device: torch.device | str) -> DiffusionModel:
+        for module in self.modules():
+            module.to(device)
+        if self.ref_unet is not None:
+            self.ref_unet.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(unwrap(self.unet).parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return unwrap(self.unet).conv_in.weight.dtype
+
+    # ------------------------------------------------------------------------------- family hooks
+    def encode_prompt(self, prompts: Sequence[str]) -> Cond:
+        raise NotImplementedError
+
+    def add_time_ids(self, cond: Cond, original_sizes: Tensor, crops: Tensor,
+                     target_size: tuple[int, int] | None = None) -> Cond:
+        return cond
+
+    def _unet_kwargs(self, cond: Cond) -> dict[str, Any]:
+        return {}
+
+    # ------------------------------------------------------------------------------- VAE
+    @property
+    def _vae_scale(self) -> tuple[float, float]:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return self.vae.config.scaling_factor, shift
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """pixels [B,3,H,W] in [-1,1] -> (mean, std) [B,C,h,w] of the scaled latent distribution, fp32."""
+        scale, shift = self._vae_scale
+        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        return (dist.mean.float() - shift) * scale, dist.std.float() * scale
+
+    @staticmethod
+    def sample_latents(mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        return mean.float() + std.float() * eps
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """latents [B,C,h,w] -> images [B,3,H,W] in [0,1]; differentiable (no no_grad here)."""
+        scale, shift = self._vae_scale
+        images = self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------------------- scheduler maths (fp32)
+    def alpha_bar(self, t: Tensor, ndim: int = 4) -> Tensor:
+        """abar_t as fp32, shaped [B,1,1,1] to broadcast against latents."""
+        abar = self.alphas_cumprod.to(t.device)[t.long()]
+        return abar.view(-1, *([1] * (ndim - 1)))
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=self.device)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        abar = self.alpha_bar(t, x0.ndim)
+        return abar.sqrt() * x0.float() + (1 - abar).sqrt() * noise.float()
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the UNet is trained to output: eps, or v = sqrt(abar) eps - sqrt(1-abar) x0."""
+        if self.prediction_type == "epsilon":
+            return noise.float()
+        abar = self.alpha_bar(t, x0.ndim)
+        return abar.sqrt() * noise.float() - (1 - abar).sqrt() * x0.float()
+
+    def eps_from_xt(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+        """eps~ = (x_t - sqrt(abar) x0) / sqrt(1 - abar): the noise that maps x0 to x_t."""
+        abar = self.alpha_bar(t, x0.ndim)
+        return (x_t.float() - abar.sqrt() * x0.float()) / (1 - abar).sqrt()
+
+    # ------------------------------------------------------------------------------- UNet
+    def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """UNet output for x_t at timesteps t [B]; the reference model inside reference()."""
+        unet = self._active if self._active is not None else self.unet
+        cond = cond.to(x_t.device, self.dtype)
+        return unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.hidden, return_dict=False,
+                    **self._unet_kwargs(cond))[0]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside this block predict() runs the reference model without gradient. Always restored."""
+        base = unwrap(self.unet)
+        with torch.no_grad():
+            if self.ref_unet is not None:
+                self._active = self.ref_unet
+                try:
+                    yield
+                finally:
+                    self._active = None
+                return
+            base.disable_adapters()
+            self._active = base
+            try:
+                yield
+            finally:
+                self._active = None
+                base.enable_adapters()
+
+    # ------------------------------------------------------------------------------- batches
+    def encode_pairs(self, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, Cond]:
+        """A preference batch -> (x0 [2B,C,h,w] as [winners; losers], Cond [2B]).
+
+        Uncached batches carry ``pixels`` [2B,3,H,W] and ``prompts`` (B); cached ones carry ``latent_mean``,
+        ``latent_std`` [2B,C,h,w] and ``cond`` (a dict of Cond fields for the B prompts). Both carry
+        ``original_sizes`` and ``crops`` [2B,2].
+        """
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
+            cond = Cond(**batch["cond"]).to(self.device)
+        else:
+            mean, std = self.encode_images(batch["pixels"])
+            cond = self.encode_prompt(batch["prompts"])
+        size = mean.shape[-1] * self.latent_factor
+        cond = self.add_time_ids(cond.repeat(2), batch["original_sizes"], batch["crops"], (size, size))
+        return self.sample_latents(mean, std, generator), cond
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def pipeline_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def describe(self) -> dict[str, Any]:
+        """What a cache manifest records about the model."""
+        return {"pretrained": str(Path(self.source)) if self.source else "", "family": type(self).__name__,
+                "prediction_type": self.prediction_type}
