@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny pipelines built once per session (offline), and offline hub settings."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory):
+    """{family: path} of tiny random-weight pipelines saved with save_pretrained."""
+    from diffalign.models.tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("pipelines")
+    return {fam: build_tiny_pipeline(fam, root / fam) for fam in ("sd15", "sd2", "sdxl")}

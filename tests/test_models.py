@@ -1,0 +1,111 @@
+"""The model contract, run over every model family (tiny random-weight pipelines, loaded from disk)."""
+
+import pytest
+import torch
+
+from diffalign.config import LoraConfig, ModelConfig
+from diffalign.models import SDModel, SDXLModel, detect_family, load_model
+from diffalign.models.lora import add_lora
+
+FAMILIES = ["sd15", "sd2", "sdxl"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request, tiny_pipelines):
+    return load_model(ModelConfig(pretrained=str(tiny_pipelines[request.param])))
+
+
+def _batch(model, b=2):
+    torch.manual_seed(0)
+    x0 = torch.randn(2 * b, 4, 8, 8)
+    cond = model.encode_prompt(["a red circle", "a blue square"][:b]).repeat(2)
+    sizes = torch.tensor([[64, 64]] * 2 * b)
+    cond = model.add_time_ids(cond, sizes, torch.zeros(2 * b, 2, dtype=torch.long), (64, 64))
+    return x0, cond
+
+
+def test_family_detected_from_model_index(tiny_pipelines):
+    assert detect_family(str(tiny_pipelines["sd15"])) is SDModel
+    assert detect_family(str(tiny_pipelines["sd2"])) is SDModel
+    assert detect_family(str(tiny_pipelines["sdxl"])) is SDXLModel
+    with pytest.raises(ValueError, match="model_index.json"):
+        detect_family("/nonexistent/pipeline")
+
+
+def test_prompt_conditioning_matches_unet(model):
+    cond = model.encode_prompt(["a cat", "a dog", ""])
+    assert cond.hidden.shape[:2] == (3, 77)
+    assert cond.hidden.shape[2] == model.unet.config.cross_attention_dim
+    if isinstance(model, SDXLModel):
+        assert cond.pooled.shape == (3, model.text_encoders[1].config.projection_dim)
+    else:
+        assert cond.pooled is None and cond.time_ids is None
+    assert cond.repeat(2).hidden.shape[0] == 6
+    assert torch.equal(cond.repeat(2).hidden[3:], cond.hidden)
+
+
+def test_time_ids_from_real_sizes_and_crops(model):
+    cond = model.encode_prompt(["a", "b"])
+    out = model.add_time_ids(cond, torch.tensor([[512, 768], [300, 200]]), torch.tensor([[0, 96], [12, 0]]), (64, 64))
+    if isinstance(model, SDXLModel):
+        assert out.time_ids.tolist() == [[512, 768, 0, 96, 64, 64], [300, 200, 12, 0, 64, 64]]
+    else:
+        assert out is cond
+
+
+def test_scheduler_maths_fp32_and_matches_diffusers(model):
+    x0, _ = _batch(model)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 10, 500, 999])
+    x_t = model.add_noise(x0, noise, t)
+    assert x_t.dtype == torch.float32 and model.alphas_cumprod.dtype == torch.float32
+    torch.testing.assert_close(x_t, model.scheduler.add_noise(x0, noise, t))
+    torch.testing.assert_close(model.eps_from_xt(x_t, x0, t), noise, atol=2e-4, rtol=1e-4)
+    expected = noise if model.prediction_type == "epsilon" else model.scheduler.get_velocity(x0, noise, t)
+    torch.testing.assert_close(model.target(x0, noise, t), expected)
+
+
+def test_sample_timesteps_range(model):
+    t = model.sample_timesteps(4096)
+    assert t.min() >= 0 and t.max() <= model.num_timesteps - 1 and t.unique().numel() > 900
+
+
+def test_vae_round_trip_shapes_and_gradient(model):
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    mean, std = model.encode_images(pixels)
+    assert mean.shape == (2, 4, 8, 8) and (std > 0).all()
+    a, b = model.sample_latents(mean, std), model.sample_latents(mean, std)
+    assert not torch.equal(a, b)                          # stochastic: the std is used
+    latents = a.clone().requires_grad_(True)
+    images = model.decode_latents(latents)
+    assert images.shape == (2, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+    images.mean().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+
+
+def test_reference_disables_adapters_and_restores_them(tiny_pipelines):
+    model = load_model(ModelConfig(pretrained=str(tiny_pipelines["sdxl"])))
+    x0, cond = _batch(model)
+    t = torch.full((4,), 300)
+    base_out = model.predict(x0, t, cond)
+    params = add_lora(model.unet, LoraConfig(rank=4))
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    policy_out = model.predict(x0, t, cond)
+    assert not torch.allclose(policy_out, base_out)
+    with model.reference():
+        ref_out = model.predict(x0, t, cond)
+        assert not torch.is_grad_enabled()
+    torch.testing.assert_close(ref_out, base_out)
+    with pytest.raises(RuntimeError, match="boom"), model.reference():
+        raise RuntimeError("boom")
+    torch.testing.assert_close(model.predict(x0, t, cond), policy_out)   # adapters back on after the error
+
+
+def test_encode_pairs_uncached(model):
+    batch = {"pixels": torch.rand(4, 3, 64, 64) * 2 - 1, "prompts": ["a", "b"],
+             "original_sizes": torch.tensor([[64, 64]] * 4), "crops": torch.zeros(4, 2, dtype=torch.long)}
+    x0, cond = model.encode_pairs(batch)
+    assert x0.shape == (4, 4, 8, 8) and len(cond) == 4
+    assert torch.equal(cond.hidden[:2], cond.hidden[2:])                  # winner and loser share the prompt
