@@ -1,0 +1,85 @@
+"""Command line: ``diffalign train | cache | demo | tiny``. ``main(argv)`` is callable from tests."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from diffalign.config import ConfigError, describe_options, load_config
+
+USAGE_OVERRIDES = "key=value overrides, e.g. train.max_steps=2000 data.path=/data/pickapic_v2 (see below)"
+
+
+def _options_epilog() -> str:
+    lines = ["options (key  default  meaning):"]
+    for key, default, help_ in describe_options():
+        lines.append(f"  {key} = {default}")
+        lines += textwrap.wrap(help_, 100, initial_indent="      ", subsequent_indent="      ")
+    lines.append("  method.* : depends on method.name (dpo: method.beta)")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffalign", description="Preference alignment for diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+    for name, text in (("train", "train with a method on preference data"),
+                       ("cache", "pre-encode latents and text embeddings into data.cache_dir")):
+        p = sub.add_parser(name, help=text, description=text, epilog=_options_epilog(), formatter_class=fmt)
+        p.add_argument("config", help="YAML config file (holds only deviations from the defaults)")
+        p.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+    demo = sub.add_parser("demo", help="train Diffusion-DPO for a few steps on a generated tiny pipeline and data")
+    demo.add_argument("--out", default="runs/demo", help="folder for the tiny model, data and run")
+    demo.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+    tiny = sub.add_parser("tiny", help="build a tiny random-weight pipeline (sd15, sd2 or sdxl) for tests")
+    tiny.add_argument("family", choices=["sd15", "sd2", "sdxl"])
+    tiny.add_argument("path")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from diffalign.demo import run_demo
+
+        return run_demo(args.out, args.overrides)
+    if args.command == "tiny":
+        from diffalign.models.tiny import build_tiny_pipeline
+
+        print(build_tiny_pipeline(args.family, args.path))
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "cache":
+        from diffalign.data.cache import build_cache
+        from diffalign.models import load_model
+
+        print(build_cache(cfg, load_model(cfg.model)))
+        return 0
+    from diffalign.trainer import train
+
+    print(f"final weights: {train(cfg)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from diffalign.data.cache import CacheError
+    from diffalign.data.pairs import DataError
+    from diffalign.trainer import TrainingDiverged
+
+    logging.basicConfig(level=os.environ.get("DIFFALIGN_LOG", "INFO"), format="%(levelname)s %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ConfigError, DataError, CacheError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"error: training diverged: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

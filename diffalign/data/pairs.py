@@ -1,0 +1,425 @@
+"""Offline preference pairs (prompt, winner image, loser image) for Diffusion-DPO-style training.
+
+Two sources (``DataConfig.format``; ``auto`` picks jsonl for ``*.jsonl`` paths, pickapic otherwise):
+
+* Pick-a-Pic v2 schema: columns ``caption``, ``jpg_0``, ``jpg_1`` (image bytes, or datasets ``Image``
+  dicts) and ``label_0`` (1 = image 0 preferred, 0 = image 1 preferred, 0.5 = tie), read from a parquet
+  file, a folder of parquet files, or a datasets hub name. Only ``label_0`` is read up front; images are
+  decoded per item.
+* JSONL: one ``{"prompt", "chosen", "rejected"}`` object per line; image paths relative to the file's folder.
+
+Rows keep their source numbering (``row``: the parquet row, or the 0-based line index of the jsonl
+file), which every error message names. ``__getitem__`` returns the winner first: ``pixels[0]`` = winner,
+``pixels[1]`` = loser; ``collate_pairs`` lays a batch out as all winners then all losers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from diffalign.config import DataConfig
+from diffalign.data import transforms as T
+from diffalign.data.transforms import item_rng
+
+logger = logging.getLogger("diffalign")
+
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+JSONL_KEYS = ("prompt", "chosen", "rejected")
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+_SHARD = re.compile(r"^(?P<split>.+?)-\d+-of-\d+\.parquet$")
+
+
+class DataError(ValueError):
+    """The preference data is unusable; the message names the file, row or column at fault."""
+
+
+class BadImageError(DataError):
+    """One image of a pair cannot be read (corrupt bytes, missing file); names the row and the file."""
+
+
+class _Source(Protocol):
+    rows: np.ndarray  # source row of each kept pair
+
+    def prompt(self, i: int) -> str: ...
+
+    def images(self, i: int) -> tuple[Image.Image, Image.Image]: ...  # (winner, loser)
+
+
+# ------------------------------------------------------------------------------------------ image decoding
+
+
+def _decode(value: Any) -> Image.Image:
+    """Bytes, a datasets ``Image`` dict ({"bytes", "path"}), a path or a PIL image -> a fully loaded image."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(bytes(value)))
+    elif isinstance(value, (str, Path)):
+        with Image.open(value) as opened:
+            opened.load()
+            return ImageOps.exif_transpose(opened)  # a copy, so the file can close
+    elif value is None:
+        raise ValueError("no image (null value)")
+    else:
+        raise ValueError(f"unsupported image value of type {type(value).__name__}")
+    image.load()
+    return ImageOps.exif_transpose(image)
+
+
+def _read_image(value: Any, where: str) -> Image.Image:
+    try:
+        return _decode(value)
+    except _IMAGE_ERRORS as err:
+        raise BadImageError(f"{where}: {type(err).__name__}: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------- pickapic
+
+
+def _looks_local(path: str) -> bool:
+    return (path.startswith(("/", ".", "~")) or path.endswith((".parquet", ".jsonl"))
+            or path.count("/") > 1 or "\\" in path)
+
+
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """The split's parquet files: ``folder/<split>/**``, files named ``<split>-*``/``<split>.*`` anywhere
+    below, or else unsplit parquet files directly in the folder."""
+    visible = [p for p in folder.rglob("*.parquet")
+               if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    sub = folder / split
+    if sub.is_dir():
+        files = [p for p in visible if sub in p.parents]
+        if files:
+            return sorted(files)
+    named = re.compile(rf"^{re.escape(split)}(?:[-.].*)?\.parquet$")
+    files = [p for p in visible if named.match(p.name)]
+    if files:
+        return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+    direct = sorted(p for p in visible if p.parent == folder)
+    if direct and not any(_SHARD.match(p.name) for p in direct):
+        return direct
+    splits = sorted({m["split"] for p in visible if (m := _SHARD.match(p.name))})
+    found = f"splits found: {', '.join(splits)}" if splits else f"{len(visible)} other .parquet file(s) found"
+    raise DataError(f"{folder}: no parquet files for split {split!r} (looked for {split}/*.parquet, "
+                    f"{split}-*.parquet or {split}.parquet, and unsplit *.parquet in the folder); {found}")
+
+
+def _check_shape(columns: list[str], num_rows: int, cfg: DataConfig) -> None:
+    missing = [c for c in PICKAPIC_COLUMNS if c not in columns]
+    if missing:
+        raise DataError(f"{cfg.path}: missing column(s) {', '.join(missing)}; found columns: "
+                        f"{', '.join(columns) or '(none)'}")
+    if num_rows == 0:
+        raise DataError(f"{cfg.path}: the dataset has no rows (split {cfg.split!r})")
+
+
+def _nonempty_parquet(files: list[Path]) -> tuple[list[Path], list[str]]:
+    """(files with rows, column names), from the parquet footers only; datasets fails on zero-row files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kept: list[Path] = []
+    columns: list[str] = []
+    for file in files:
+        try:
+            meta = pq.read_metadata(file)
+        except (OSError, pa.ArrowException) as err:
+            raise DataError(f"{file}: not a readable parquet file: {err}") from err
+        columns = columns or meta.schema.to_arrow_schema().names
+        if meta.num_rows:
+            kept.append(file)
+    return kept, columns
+
+
+def _load_table(cfg: DataConfig) -> Any:
+    """A ``datasets.Dataset`` for a parquet file, a folder of parquet files, or a hub name."""
+    import datasets  # slow import: only when Pick-a-Pic data is used
+
+    path, local = cfg.path, Path(cfg.path).expanduser()
+    if local.is_file():
+        if local.suffix != ".parquet":
+            raise DataError(f"{path}: expected a .parquet file, a folder of parquet files, a datasets hub "
+                            "name or a .jsonl file")
+        files = [local]
+    elif local.is_dir():
+        files = _split_files(local, cfg.split)
+        logger.info("%s: reading %d parquet file(s) for split %r", path, len(files), cfg.split)
+    elif _looks_local(path):
+        raise DataError(f"{path}: no such file or folder")
+    else:
+        return datasets.load_dataset(path, split=cfg.split)
+    files, columns = _nonempty_parquet(files)
+    if not files:
+        _check_shape(columns, 0, cfg)
+    return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+
+
+def _read_labels(table: Any, path: str) -> np.ndarray:
+    """``label_0`` as float64 (null -> NaN) without touching the image columns."""
+    import pyarrow as pa
+
+    column = table.select_columns(["label_0"]).with_format("arrow")[:]["label_0"]
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
+        raise DataError(f"{path}: column label_0 has type {column.type}; expected numbers 1, 0 or 0.5")
+    return column.cast(pa.float64()).to_numpy()
+
+
+def _select_pairs(labels: np.ndarray, path: str, ties: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(kept rows, winner-is-image-0 per kept row, ties dropped)."""
+    valid = (labels == 0) | (labels == 1) | (labels == 0.5)
+    if not valid.all():
+        bad = np.flatnonzero(~valid)
+        value = "null" if np.isnan(labels[bad[0]]) else repr(float(labels[bad[0]]))
+        raise DataError(f"{path}: row {bad[0]}: label_0 = {value} is not 1 (image 0 preferred), 0 (image 1 "
+                        f"preferred) or 0.5 (tie); {bad.size} row(s) have such labels")
+    tie = labels == 0.5
+    n_ties = int(tie.sum())
+    if n_ties and ties == "error":
+        raise DataError(f"{path}: row {np.flatnonzero(tie)[0]} is a tie (label_0 = 0.5) and data.ties = "
+                        f"error ({n_ties} of {labels.size} rows are ties); set data.ties=drop to skip them")
+    if n_ties == labels.size:
+        raise DataError(f"{path}: all {labels.size} rows are ties (label_0 = 0.5); no pairs are left after "
+                        "dropping ties")
+    keep = np.flatnonzero(~tie)
+    return keep, labels[keep] == 1, n_ties
+
+
+class _Pickapic:
+    """Kept rows of a Pick-a-Pic-schema table; images are decoded on access only."""
+
+    def __init__(self, table: Any, path: str, rows: np.ndarray, winner_is_0: np.ndarray) -> None:
+        self.path, self.rows, self.winner_is_0 = path, rows, winner_is_0
+        # Arrow formatting returns raw values: bytes or {"bytes", "path"} dicts, never decoded images.
+        self._captions = table.select_columns(["caption"]).with_format("arrow")
+        self._images = table.select_columns(["jpg_0", "jpg_1"]).with_format("arrow")
+
+    def prompt(self, i: int) -> str:
+        value = self._captions[int(self.rows[i])]["caption"][0].as_py()
+        return "" if value is None else str(value)
+
+    def images(self, i: int) -> tuple[Image.Image, Image.Image]:
+        row = int(self.rows[i])
+        record = self._images[row].to_pylist()[0]
+        order = ("jpg_0", "jpg_1") if self.winner_is_0[i] else ("jpg_1", "jpg_0")
+        winner, loser = (_read_image(record[col], f"{self.path}: row {row}: cannot read image column {col}")
+                         for col in order)
+        return winner, loser
+
+
+def _open_pickapic(cfg: DataConfig) -> tuple[_Pickapic, dict[str, int]]:
+    table = _load_table(cfg)
+    _check_shape(list(table.column_names), len(table), cfg)
+    rows, winner_is_0, n_ties = _select_pairs(_read_labels(table, cfg.path), cfg.path, cfg.ties)
+    rows, winner_is_0 = rows[:cfg.max_pairs], winner_is_0[:cfg.max_pairs]
+    stats = {"rows": len(table), "ties_dropped": n_ties, "pairs": int(rows.size)}
+    return _Pickapic(table, cfg.path, rows, winner_is_0), stats
+
+
+# -------------------------------------------------------------------------------------------------- jsonl
+
+
+def _parse_line(line: str, where: str) -> tuple[str, str, str]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from err
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with keys {', '.join(JSONL_KEYS)}, "
+                        f"got {type(record).__name__}")
+    missing = [k for k in JSONL_KEYS if k not in record]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {', '.join(missing)}; found keys: "
+                        f"{', '.join(record) or '(none)'}")
+    for key in JSONL_KEYS:
+        if not isinstance(record[key], str):
+            raise DataError(f"{where}: `{key}` must be a string, got {type(record[key]).__name__}")
+    return record["prompt"], record["chosen"], record["rejected"]
+
+
+class _Jsonl:
+    """Pairs listed in a jsonl file; ``rows`` are 0-based line indices (line number - 1)."""
+
+    def __init__(self, path: Path, max_pairs: int | None) -> None:
+        self.path = path
+        rows: list[int] = []
+        self._records: list[tuple[str, str, str]] = []
+        with path.open(encoding="utf-8") as lines:
+            for index, line in enumerate(lines):
+                if line.strip():
+                    self._records.append(_parse_line(line, f"{path}, line {index + 1}"))
+                    rows.append(index)
+        if not rows:
+            raise DataError(f"{path}: no pairs (the file has no non-blank lines)")
+        self.num_rows = len(rows)
+        self.rows = np.asarray(rows[:max_pairs], dtype=np.int64)
+        self._records = self._records[:max_pairs]
+
+    def prompt(self, i: int) -> str:
+        return self._records[i][0]
+
+    def images(self, i: int) -> tuple[Image.Image, Image.Image]:
+        row = int(self.rows[i])
+        _, chosen, rejected = self._records[i]
+        where = f"{self.path}: row {row} (line {row + 1}): cannot read"
+        folder = self.path.parent
+        return (_read_image(folder / Path(chosen).expanduser(), f"{where} chosen image {chosen}"),
+                _read_image(folder / Path(rejected).expanduser(), f"{where} rejected image {rejected}"))
+
+
+def _open_jsonl(cfg: DataConfig) -> tuple[_Jsonl, dict[str, int]]:
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{cfg.path}: no such jsonl file")
+    source = _Jsonl(path, cfg.max_pairs)
+    return source, {"rows": source.num_rows, "ties_dropped": 0, "pairs": int(source.rows.size)}
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+
+
+def _check_config(cfg: DataConfig) -> None:
+    problems = []
+    if not cfg.path:
+        problems.append("data.path is empty")
+    for key, allowed in (("format", ("auto", "pickapic", "jsonl")), ("crop", ("center", "random")),
+                         ("ties", ("drop", "error")), ("on_bad_image", ("error", "skip_pair"))):
+        if getattr(cfg, key) not in allowed:
+            problems.append(f"data.{key} = {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    if cfg.resolution < 1:
+        problems.append(f"data.resolution = {cfg.resolution} must be positive")
+    for key in ("hflip", "caption_dropout"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            problems.append(f"data.{key} = {getattr(cfg, key)} must be in [0, 1]")
+    if cfg.max_pairs is not None and cfg.max_pairs < 1:
+        problems.append(f"data.max_pairs = {cfg.max_pairs} must be at least 1 (or null for all)")
+    if problems:
+        raise DataError("; ".join(problems))
+
+
+def resolve_format(cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    return "jsonl" if cfg.path.lower().endswith(".jsonl") else "pickapic"
+
+
+class PreferencePairs(Dataset):
+    """Preference pairs with deterministic per-item augmentation (see the module docstring).
+
+    ``stats`` = {"rows": source rows, "ties_dropped": ..., "pairs": len(self)}. Call ``set_epoch`` before each
+    epoch; DataLoader workers see the new epoch only if they are re-created (``persistent_workers=False``).
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int = 0, caption_dropout: float | None = None) -> None:
+        """``caption_dropout`` overrides ``cfg.caption_dropout`` (e.g. 0 for a cache builder)."""
+        _check_config(cfg)
+        self.cfg, self.seed, self.epoch = cfg, int(seed), 0
+        self.caption_dropout = cfg.caption_dropout if caption_dropout is None else float(caption_dropout)
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise DataError(f"caption_dropout = {self.caption_dropout} must be in [0, 1]")
+        opener = _open_jsonl if resolve_format(cfg) == "jsonl" else _open_pickapic
+        self._source: _Source
+        self._source, self.stats = opener(cfg)
+        logger.info("%s: %d rows, %d ties dropped, %d pairs used", cfg.path, self.stats["rows"],
+                    self.stats["ties_dropped"], self.stats["pairs"])
+
+    def __len__(self) -> int:
+        return int(self._source.rows.size)
+
+    @staticmethod
+    def collate(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        """Same as ``collate_pairs``, so trainers can call ``dataset.collate`` for any dataset kind."""
+        return collate_pairs(items)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _index(self, i: int) -> int:
+        n = len(self)
+        index = int(i) + n if int(i) < 0 else int(i)
+        if not 0 <= index < n:
+            raise IndexError(f"pair index {i} out of range for {n} pairs")
+        return index
+
+    def row(self, i: int) -> int:
+        """The source row of pair ``i`` (parquet row, or 0-based jsonl line index)."""
+        return int(self._source.rows[self._index(i)])
+
+    def prompt(self, i: int) -> str:
+        """The prompt of pair ``i``, without caption dropout."""
+        return self._source.prompt(self._index(i))
+
+    def _draws(self, i: int) -> tuple[bool, tuple[T.Augment, T.Augment]]:
+        rng = item_rng(self.seed, self.epoch, self.row(i))
+        dropped = rng.random() < self.caption_dropout  # always the first draw
+        return dropped, T.draw_pair_augments(rng, self.cfg.crop, self.cfg.hflip, self.cfg.paired_transforms)
+
+    def caption_dropped(self, i: int) -> bool:
+        """Whether pair ``i`` gets the empty prompt this epoch (the same decision ``__getitem__`` makes)."""
+        return self._draws(i)[0]
+
+    def pair_images(self, i: int) -> tuple[Image.Image, Image.Image] | None:
+        """Decoded (winner, loser) before any transform; None when unreadable and on_bad_image=skip_pair."""
+        try:
+            return self._source.images(self._index(i))
+        except BadImageError as err:
+            if self.cfg.on_bad_image == "error":
+                raise
+            logger.warning("%s; skipping the whole pair (index %d)", err, self._index(i))
+            return None
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        index = self._index(i)
+        images = self.pair_images(index)
+        if images is None:
+            return None
+        dropped, augs = self._draws(index)
+        size = self.cfg.resolution
+        out = [T.transform_image(image, size, aug) for image, aug in zip(images, augs, strict=True)]
+        return {
+            "prompt": "" if dropped else self._source.prompt(index),
+            "pixels": torch.stack([o.pixels for o in out]),
+            "original_sizes": torch.tensor([o.original_size for o in out], dtype=torch.long),
+            "crops": torch.tensor([o.crop for o in out], dtype=torch.long),
+            "index": index,
+            "row": self.row(index),
+        }
+
+
+def _winners_then_losers(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """B tensors of shape [2, ...] -> [2B, ...] ordered w_1..w_B, l_1..l_B."""
+    return torch.stack(tensors, dim=1).flatten(0, 1)
+
+
+def collate_pairs(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Batch pairs; None items (unreadable pairs) are dropped and counted in ``num_skipped``.
+
+    When every item was dropped the batch is empty (``prompts == []``, tensors with a leading 0).
+    """
+    kept = [item for item in items if item is not None]
+    batch: dict[str, Any] = {
+        "prompts": [item["prompt"] for item in kept],
+        "indices": torch.tensor([item["index"] for item in kept], dtype=torch.long),
+        "rows": torch.tensor([item["row"] for item in kept], dtype=torch.long),
+        "num_skipped": len(items) - len(kept),
+    }
+    if not kept:
+        empty = torch.zeros(0, 2, dtype=torch.long)
+        return {**batch, "pixels": torch.zeros(0, 3, 0, 0), "original_sizes": empty, "crops": empty.clone()}
+    for key in ("pixels", "original_sizes", "crops"):
+        batch[key] = _winners_then_losers([item[key] for item in kept])
+    return batch
+
