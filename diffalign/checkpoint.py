@@ -46,13 +46,18 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
-def write_atomic(target: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Create ``target`` by filling a temporary sibling folder and renaming it when ``fill`` returns."""
+def temp_dir(target: str | Path) -> Path:
+    """A fresh, empty temporary sibling of ``target`` to fill before ``commit``."""
     target = Path(target)
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    fill(tmp)
+    return tmp
+
+
+def commit(tmp: Path, target: str | Path) -> Path:
+    """Move a filled temporary folder into place; an existing ``target`` is replaced only afterwards."""
+    target = Path(target)
     if target.exists():
         old = target.with_name(f".old-{target.name}")
         shutil.rmtree(old, ignore_errors=True)
@@ -62,6 +67,13 @@ def write_atomic(target: str | Path, fill: Callable[[Path], None]) -> Path:
     else:
         os.replace(tmp, target)
     return target
+
+
+def write_atomic(target: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Create ``target`` by filling a temporary sibling folder and renaming it when ``fill`` returns."""
+    tmp = temp_dir(target)
+    fill(tmp)
+    return commit(tmp, target)
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:

@@ -157,12 +157,13 @@ class Trainer:
         acc, target = self.acc, self.out / f"checkpoint-{self.step}"
         tmp = target.with_name(f".tmp-{target.name}")
         if acc.is_main_process:
-            tmp.mkdir(parents=True, exist_ok=True)
+            ckpt.temp_dir(target)
         acc.wait_for_everyone()
         torch.save(ckpt.rng_state(), tmp / f"rng_{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            ckpt.write_atomic(target, self._fill_checkpoint)
+            self._fill_checkpoint(tmp)
+            ckpt.commit(tmp, target)
             ckpt.prune(self.out, self.cfg.train.keep_last)
         acc.wait_for_everyone()
         return target
