@@ -25,7 +25,7 @@ def noise_pairs(model: DiffusionModel, x0: Tensor) -> PairNoise:
     """Forward-noise x0 = [winners; losers] with the same t and the same noise for both halves."""
     b = x0.shape[0] // 2
     t = model.sample_timesteps(b).repeat(2)
-    noise = torch.randn_like(x0[:b], dtype=torch.float32).repeat(2, 1, 1, 1)
+    noise = torch.randn(x0[:b].shape, device=x0.device).repeat(2, 1, 1, 1)   # layout-independent draw
     return PairNoise(t=t, x_t=model.add_noise(x0, noise, t), target=model.target(x0, noise, t))
 
 

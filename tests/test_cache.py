@@ -1,0 +1,86 @@
+"""The latent/text cache: same loss as the uncached path, stale caches refused, training from a cache."""
+
+import json
+
+import pytest
+import torch
+
+from diffalign import cli
+from diffalign.config import load_config
+from diffalign.data.cache import CachedPairs, CacheError, build_cache
+from diffalign.data.pairs import PreferencePairs
+from diffalign.data.toy import write_toy_pairs
+from diffalign.models import load_model
+from diffalign.models.lora import add_lora
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_pipelines, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    toy = write_toy_pairs(root / "toy", num_pairs=10, size=80)   # 80 px images: resized and cropped to 64
+    args = [f"model.pretrained={tiny_pipelines['sdxl']}", f"data.path={toy}", f"data.cache_dir={root / 'cache'}",
+            "data.resolution=64", "data.num_workers=0", "data.cache_dtype=float32", "data.crop=random",
+            "data.hflip=0.5", "train.batch_size=2", "train.report_to=none", f"output_dir={root / 'run'}"]
+    assert cli.main(["cache", "configs/tiny_dpo_sdxl.yaml", *args]) == 0
+    return root, args
+
+
+def test_manifest_records_settings_and_counts(setup):
+    root, _ = setup
+    manifest = json.loads((root / "cache" / "manifest.json").read_text())
+    assert manifest["num_pairs"] == 10 and manifest["num_prompts"] == 1 + 8   # "" + 8 distinct toy prompts
+    assert manifest["key"]["data"]["resolution"] == 64 and manifest["key"]["data"]["hflip"] == 0.5
+    assert manifest["key"]["model"]["pretrained"].endswith("sdxl")
+
+
+def test_cached_and_uncached_give_the_same_loss(setup):
+    _, args = setup
+    cfg = load_config("configs/tiny_dpo_sdxl.yaml", args)
+    model = load_model(cfg.model)
+    params = add_lora(model.unet, cfg.lora)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.02 * torch.randn_like(p))
+    raw, cached = PreferencePairs(cfg.data, seed=cfg.train.seed), CachedPairs(cfg)
+    assert len(raw) == len(cached) == 10
+    idx = [3, 7, 1]
+    raw_batch = raw.collate([raw[i] for i in idx])
+    cached_batch = cached.collate([cached[i] for i in idx])
+    torch.testing.assert_close(cached_batch["original_sizes"], raw_batch["original_sizes"])
+    torch.testing.assert_close(cached_batch["crops"], raw_batch["crops"])
+    losses = []
+    for batch in (raw_batch, cached_batch):
+        torch.manual_seed(123)                 # fixes the VAE sample noise, t and the forward noise alike
+        loss, metrics = cfg.method.loss(model, batch)
+        losses.append((loss, metrics["err_w"], metrics["ref_err_l"]))
+    for a, b in zip(*losses, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_stale_cache_is_refused_with_the_differences(setup):
+    _, args = setup
+    cfg = load_config("configs/tiny_dpo_sdxl.yaml", [*args, "data.resolution=32"])
+    with pytest.raises(CacheError, match=r"(?s)stale.*data.resolution: cache has 64, config has 32.*diffalign cache"):
+        CachedPairs(cfg)
+
+
+def test_missing_cache_names_the_command(setup, tmp_path):
+    _, args = setup
+    cfg = load_config("configs/tiny_dpo_sdxl.yaml", [*args, f"data.cache_dir={tmp_path / 'none'}"])
+    with pytest.raises(CacheError, match="diffalign cache CONFIG"):
+        CachedPairs(cfg)
+
+
+def test_up_to_date_cache_is_not_rebuilt(setup):
+    root, args = setup
+    shard = root / "cache" / "pairs-00000.safetensors"
+    stamp = shard.stat().st_mtime_ns
+    cfg = load_config("configs/tiny_dpo_sdxl.yaml", args)
+    build_cache(cfg, model=None)
+    assert shard.stat().st_mtime_ns == stamp
+
+
+def test_training_from_the_cache(setup):
+    root, args = setup
+    assert cli.main(["train", "configs/tiny_dpo_sdxl.yaml", *args, "train.max_steps=2", "data.caption_dropout=0.5"]) == 0
+    assert (root / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
