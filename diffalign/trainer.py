@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +75,23 @@ def flat_hparams(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def _launched_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _cpu_only() -> bool:
+    """Several launched processes and no GPU: ask accelerate for gloo on CPU (it otherwise runs each alone)."""
+    return _launched_world() > 1 and not torch.cuda.is_available()
+
+
+def _check_world(num_processes: int) -> None:
+    """Refuse to train unsynchronised copies: launched processes must form one process group."""
+    if _launched_world() != num_processes:
+        raise RuntimeError(f"{_launched_world()} processes were launched but accelerate sees {num_processes}; "
+                           "their gradients would not be synchronised. Launch with `accelerate launch --multi_gpu "
+                           "--num_processes N` or `torchrun --nproc_per_node N`.")
+
+
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         from accelerate import Accelerator
@@ -82,8 +100,9 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         t = cfg.train
-        self.acc = Accelerator(mixed_precision=t.mixed_precision, project_dir=str(self.out),
+        self.acc = Accelerator(mixed_precision=t.mixed_precision, project_dir=str(self.out), cpu=_cpu_only(),
                                log_with=None if t.report_to == "none" else t.report_to)
+        _check_world(self.acc.num_processes)
         set_seed(t.seed, device_specific=True)
         self.method = cfg.method
         self.model = load_model(cfg.model, self.acc.device, DTYPES[t.mixed_precision])

@@ -82,5 +82,6 @@ def test_up_to_date_cache_is_not_rebuilt(setup):
 
 def test_training_from_the_cache(setup):
     root, args = setup
-    assert cli.main(["train", "configs/tiny_dpo_sdxl.yaml", *args, "train.max_steps=2", "data.caption_dropout=0.5"]) == 0
+    code = cli.main(["train", "configs/tiny_dpo_sdxl.yaml", *args, "train.max_steps=2", "data.caption_dropout=0.5"])
+    assert code == 0
     assert (root / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()

@@ -60,7 +60,9 @@ def test_cli_train_writes_a_lora_that_diffusers_loads(family, tiny_pipelines, to
         policy = trainer.model.predict(x_t, t, cond)
 
     pipe = DiffusionPipeline.from_pretrained(str(tiny_pipelines[family]))
-    kwargs = {"added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": cond.time_ids}} if cond.pooled is not None else {}
+    kwargs = {}
+    if cond.pooled is not None:
+        kwargs = {"added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": cond.time_ids}}
     with torch.no_grad():
         base = pipe.unet(x_t, t, encoder_hidden_states=cond.hidden, **kwargs).sample
         pipe.load_lora_weights(str(out / "final"))
@@ -95,7 +97,8 @@ def test_resume_matches_an_uninterrupted_run(tiny_pipelines, toy, tmp_path):
     assert cli.main(["train", "configs/tiny_dpo_sdxl.yaml",
                      *overrides(tiny_pipelines, toy, b, "sdxl", *common, "train.max_steps=4")]) == 0
     assert cli.main(["train", "configs/tiny_dpo_sdxl.yaml",
-                     *overrides(tiny_pipelines, toy, b, "sdxl", *common, "train.max_steps=8", "train.resume=latest")]) == 0
+                     *overrides(tiny_pipelines, toy, b, "sdxl", *common, "train.max_steps=8",
+                                "train.resume=latest")]) == 0
     wa = load_file(a / "final" / "pytorch_lora_weights.safetensors")
     wb = load_file(b / "final" / "pytorch_lora_weights.safetensors")
     assert wa.keys() == wb.keys()
@@ -143,7 +146,8 @@ def test_full_fine_tuning_uses_a_frozen_reference_copy(tiny_pipelines, toy, tmp_
 def test_bad_data_is_reported_by_the_cli(tiny_pipelines, tmp_path, capsys):
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "x", "chosen": "a.png", "rejected": "b.png"}\n' * 4)
     code = cli.main(["train", "configs/tiny_dpo_sd15.yaml",
-                     *overrides(tiny_pipelines, tmp_path / "pairs.jsonl", tmp_path / "run", "sd15", "train.max_steps=1")])
+                     *overrides(tiny_pipelines, tmp_path / "pairs.jsonl", tmp_path / "run", "sd15",
+                                "train.max_steps=1")])
     assert code == 2
     err = capsys.readouterr().err
     assert "a.png" in err and "row 0" in err
@@ -155,3 +159,20 @@ def test_train_help_lists_options(capsys):
     text = capsys.readouterr().out
     for key in ("model.pretrained", "data.path", "train.batch_size", "train.mixed_precision", "lora.rank"):
         assert key in text
+
+
+def test_two_processes_train_as_one_group(tiny_pipelines, toy, tmp_path):
+    """torchrun with 2 CPU processes: one gloo group (not two silent single-process runs)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign.cli", "train",
+           "configs/tiny_dpo_sdxl.yaml", *overrides(tiny_pipelines, toy, out, "sdxl", "train.max_steps=2",
+                                                    "train.checkpoint_every=2")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+    assert (out / "checkpoint-2" / "rng_0.pt").is_file() and (out / "checkpoint-2" / "rng_1.pt").is_file()
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()

@@ -87,6 +87,11 @@ def _encode_prompts(model: DiffusionModel, prompts: list[str], dtype: torch.dtyp
     return {key: torch.cat(values).contiguous() for key, values in chunks.items()}
 
 
+def _as_pairs(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[w_1..w_N, l_1..l_N] stacked on axis 0 -> [N, 2, ...] (winner, loser) per pair."""
+    return x.reshape(2, n, *x.shape[1:]).transpose(0, 1).contiguous()
+
+
 def _encode_pairs(model: DiffusionModel, data: PreferencePairs, prompt_ids: dict[str, int], cfg: Config,
                   directory: Path) -> tuple[list[dict], int]:
     dtype = DTYPES[cfg.data.cache_dtype]
@@ -101,10 +106,10 @@ def _encode_pairs(model: DiffusionModel, data: PreferencePairs, prompt_ids: dict
             mean.append(m.cpu())
             std.append(s.cpu())
         n = len(batch["prompts"])
-        as_pairs = lambda x: x.reshape(2, n, *x.shape[1:]).transpose(0, 1).contiguous()  # [2N,...] -> [N,2,...]
         tensors = {
-            "latent_mean": as_pairs(torch.cat(mean)).to(dtype), "latent_std": as_pairs(torch.cat(std)).to(dtype),
-            "original_sizes": as_pairs(batch["original_sizes"]), "crops": as_pairs(batch["crops"]),
+            "latent_mean": _as_pairs(torch.cat(mean), n).to(dtype),
+            "latent_std": _as_pairs(torch.cat(std), n).to(dtype),
+            "original_sizes": _as_pairs(batch["original_sizes"], n), "crops": _as_pairs(batch["crops"], n),
             "prompt_id": torch.tensor([prompt_ids[p] for p in batch["prompts"]]),
             "row": batch["rows"].long(),
         }
