@@ -176,3 +176,14 @@ def test_two_processes_train_as_one_group(tiny_pipelines, toy, tmp_path):
     assert state["num_processes"] == 2
     assert (out / "checkpoint-2" / "rng_0.pt").is_file() and (out / "checkpoint-2" / "rng_1.pt").is_file()
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_bf16_with_gradient_checkpointing_keeps_lora_in_fp32(tiny_pipelines, toy, tmp_path):
+    cfg = load_config(None, overrides(tiny_pipelines, toy, tmp_path / "run", "sdxl", "train.max_steps=1",
+                                      "train.mixed_precision=bf16", "train.gradient_checkpointing=true"))
+    trainer = Trainer(cfg)
+    metrics = trainer.train_step(trainer.batches())
+    unet = unwrap(trainer.model.unet)
+    assert unet.is_gradient_checkpointing and unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert torch.isfinite(metrics["loss"]) and torch.isfinite(metrics["grad_norm"])
