@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -250,8 +249,3 @@ class DiffusionModel:
         import diffusers
 
         return getattr(diffusers, self.pipeline_class_name)
-
-    def describe(self) -> dict[str, Any]:
-        """What a cache manifest records about the model."""
-        return {"pretrained": str(Path(self.source)) if self.source else "", "family": type(self).__name__,
-                "prediction_type": self.prediction_type}
