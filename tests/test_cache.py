@@ -53,8 +53,11 @@ def test_cached_and_uncached_give_the_same_loss(setup):
         torch.manual_seed(123)                 # fixes the VAE sample noise, t and the forward noise alike
         loss, metrics = cfg.method.loss(model, batch)
         losses.append((loss, metrics["err_w"], metrics["ref_err_l"]))
-    for a, b in zip(*losses, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    (loss_a, *errs_a), (loss_b, *errs_b) = losses
+    for a, b in zip(errs_a, errs_b, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # beta = 5000 scales error differences of ~1e-7 (fp32 VAE encodes at different batch sizes) into ~1e-4
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-3, rtol=1e-3)
 
 
 def test_stale_cache_is_refused_with_the_differences(setup):
