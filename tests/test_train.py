@@ -179,6 +179,9 @@ def test_two_processes_train_as_one_group(tiny_pipelines, toy, tmp_path):
 
 
 def test_bf16_with_gradient_checkpointing_keeps_lora_in_fp32(tiny_pipelines, toy, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)   # earlier tests in this process fixed the precision to "no"
     cfg = load_config(None, overrides(tiny_pipelines, toy, tmp_path / "run", "sdxl", "train.max_steps=1",
                                       "train.mixed_precision=bf16", "train.gradient_checkpointing=true"))
     trainer = Trainer(cfg)
