@@ -191,8 +191,10 @@ def _coerce(hint: Any, value: Any, fld: dataclasses.Field, source: str, key: str
         if type(None) in allowed:
             return None
         raise ConfigError(f"{source}: `{key}` cannot be null")
-    value = _to_type(value, [a for a in allowed if a is not type(None)], source, key)
     choices = fld.metadata.get("choices")
+    if isinstance(value, bool) and choices and ("yes" if value else "no") in choices:
+        value = "yes" if value else "no"     # YAML 1.1 reads a bare `no` (mixed_precision: no) as false
+    value = _to_type(value, [a for a in allowed if a is not type(None)], source, key)
     if choices and value not in choices:
         raise ConfigError(f"{source}: `{key}` = {value!r} is not one of {', '.join(choices)}"
                           f"{_suggest(str(value), choices) if isinstance(value, str) else ''}")
