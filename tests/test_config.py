@@ -43,6 +43,25 @@ def test_wrong_types_and_choices():
         load_config(None, ["train.lr"])
 
 
+def test_yaml_no_is_the_mixed_precision_choice_not_false(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")            # YAML 1.1 reads a bare `no` as false
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="should be str"):
+        load_config(None, ["data.crop=false"])
+
+
+def test_method_specific_keys_follow_method_name():
+    cfg = load_config(None, ["method.name=inpo", "method.inversion_steps=20", "method.inversion_model=reference"])
+    assert (cfg.method.inversion_steps, cfg.method.inversion_model, cfg.method.beta) == (20, "reference", 5000.0)
+    assert load_config(None, ["method.name=mapo"]).method.beta == 0.1
+    with pytest.raises(ConfigError, match="inversion_steps"):
+        load_config(None, ["method.name=mapo", "method.inversion_steps=20"])
+    with pytest.raises(ConfigError, match="not one of policy, reference"):
+        load_config(None, ["method.name=inpo", "method.inversion_model=ref"])
+
+
 def test_bool_flags_turn_off():
     assert load_config(None, ["lora.enabled=false"]).lora.enabled is False
     assert load_config(None, ["data.paired_transforms=false"]).data.paired_transforms is False

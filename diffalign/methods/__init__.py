@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from diffalign.config import ConfigError
 from diffalign.methods.dpo import DiffusionDPO
+from diffalign.methods.inpo import DDIMInPO
+from diffalign.methods.mapo import MaPO
 
 METHODS: dict[str, type] = {
     "dpo": DiffusionDPO,
+    "mapo": MaPO,
+    "inpo": DDIMInPO,
 }
 
 

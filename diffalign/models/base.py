@@ -11,6 +11,7 @@ pipeline; it overrides only how prompts become conditioning and how the UNet is 
     sample_latents    (mean, std) -> x0 = mean + std * eps
     decode_latents    latents -> images in [0,1], differentiable
     add_noise / target / eps_from_xt / sample_timesteps / alpha_bar   scheduler maths in fp32 (eps and v)
+    eps_from_prediction   UNet output (eps or v) at (x_t, t) -> eps, fp32: what samplers and inversion step with
     predict           (x_t, t, Cond) -> UNet output                    (family hook: _unet_kwargs)
     reference()       context: predict() uses the reference (adapters disabled, or the frozen copy), no grad,
                       restored in `finally`
@@ -194,6 +195,13 @@ class DiffusionModel:
         """eps~ = (x_t - sqrt(abar) x0) / sqrt(1 - abar): the noise that maps x0 to x_t."""
         abar = self.alpha_bar(t, x0.ndim)
         return (x_t.float() - abar.sqrt() * x0.float()) / (1 - abar).sqrt()
+
+    def eps_from_prediction(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The eps a UNet output stands for: itself, or sqrt(abar) v + sqrt(1-abar) x_t for v-prediction."""
+        if self.prediction_type == "epsilon":
+            return pred.float()
+        abar = self.alpha_bar(t, x_t.ndim)
+        return abar.sqrt() * pred.float() + (1 - abar).sqrt() * x_t.float()
 
     # ------------------------------------------------------------------------------- UNet
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
