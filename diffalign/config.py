@@ -47,6 +47,8 @@ class ModelConfig:
 class DataConfig:
     path: str = opt("", "preference pairs: a datasets hub name, a folder or parquet file in the Pick-a-Pic "
                         "schema, or a .jsonl file of {prompt, chosen, rejected} image paths")
+    prompts: str | list | None = opt(None, "prompts for prompt-only methods (AlignProp) and evaluation: a text "
+                                           "file with one prompt per line, or a list")
     format: str = opt("auto", "input format; auto picks jsonl for .jsonl files, pickapic otherwise",
                       ("auto", "pickapic", "jsonl"))
     split: str = opt("train", "split to read from a datasets name or folder")
@@ -173,7 +175,10 @@ def _build(cls: type, raw: dict, source: str, prefix: str) -> Any:
         if key not in fields:
             raise ConfigError(f"{source}: unknown key `{prefix}{key}`{_suggest(key, fields)}")
         kwargs[key] = _coerce(hints[key], value, fields[key], source, prefix + key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:           # a dataclass's own cross-field check (__post_init__)
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def _suggest(key: str, valid: typing.Iterable[str]) -> str:

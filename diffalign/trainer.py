@@ -108,6 +108,8 @@ class Trainer:
         self.model = load_model(cfg.model, self.acc.device, DTYPES[t.mixed_precision])
         self.params = make_trainable(self.model, cfg, getattr(self.method, "needs_reference", False))
         self.data = open_training_data(cfg, self.model)
+        if hasattr(self.data, "repeat_to"):          # a short prompt list still fills a global batch
+            self.data.repeat_to(t.batch_size * self.acc.num_processes)
         self.optimizer = build_optimizer(cfg, self.params)
         from diffusers.optimization import get_scheduler
 
@@ -122,7 +124,7 @@ class Trainer:
         t, acc = self.cfg.train, self.acc
         per_epoch = EpochBatches.per_epoch(len(self.data), t.batch_size, acc.num_processes)
         if per_epoch == 0:
-            raise ValueError(f"{self.cfg.data.path}: {len(self.data)} pairs are fewer than one global batch "
+            raise ValueError(f"{self.cfg.data.path}: {len(self.data)} examples are fewer than one global batch "
                              f"({t.batch_size} x {acc.num_processes} processes)")
         epoch, start = divmod(self.step * t.grad_accum, per_epoch)
         while True:
@@ -139,17 +141,20 @@ class Trainer:
     def train_step(self, batches: Iterator[dict]) -> dict[str, torch.Tensor]:
         t, acc = self.cfg.train, self.acc
         sums: dict[str, torch.Tensor] = {}
+        own_sync = getattr(self.method, "many_grad_calls", False)
         for i in range(t.grad_accum):
             batch = next(batches)
             while batch["indices"].numel() == 0:     # every pair of the batch was unreadable (skip_pair)
                 batch = next(batches)
-            sync = contextlib.nullcontext() if i == t.grad_accum - 1 else acc.no_sync(self.model.unet)
-            with sync:
+            last = i == t.grad_accum - 1 and not own_sync
+            with contextlib.nullcontext() if last else acc.no_sync(self.model.unet):
                 with acc.autocast():
                     loss, metrics = self.method.loss(self.model, batch)
                 acc.backward(loss / t.grad_accum)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0) + value.float() / t.grad_accum
+        if own_sync:
+            self.average_gradients()
         max_norm = t.max_grad_norm if t.max_grad_norm is not None else math.inf
         grad_norm = acc.clip_grad_norm_(self.params, max_norm)
         self.check_finite(sums["loss"], grad_norm)
@@ -158,6 +163,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums["grad_norm"] = grad_norm.detach().float() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
         return sums
+
+    def average_gradients(self) -> None:
+        """All-reduce gradients by hand, for methods that call the UNet with gradient several times per backward.
+
+        DDP's reducer expects one forward per backward (and a checkpointed UNet re-runs its forward inside
+        backward), so such methods run every micro-batch under no_sync and their gradients are averaged here.
+        """
+        if self.acc.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = self.acc.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+        for p, g in zip(self.params, flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = g.view_as(p).to(p.dtype)
 
     def check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Stop, on every process alike, before a non-finite update is applied."""
@@ -236,7 +254,8 @@ class Trainer:
         if self.acc.is_main_process:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-            bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "implicit_accuracy") if k in metrics})
+            bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "implicit_accuracy", "reward")
+                            if k in metrics})
 
     def fit(self) -> Path:
         t, acc = self.cfg.train, self.acc

@@ -79,7 +79,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
-    assert cfg.method.name in METHODS and cfg.model.pretrained and cfg.data.path
+    assert cfg.method.name in METHODS and cfg.model.pretrained
+    if cfg.method.data == "prompts":
+        from diffalign.data.prompts import read_prompts
+        from diffalign.rewards import REWARDS
+
+        assert read_prompts(cfg.data.prompts)          # shipped prompt files exist and are not empty
+        reward = cfg.method.reward
+        assert (reward if isinstance(reward, str) else reward["name"]) in REWARDS
+    else:
+        assert cfg.data.path
 
 
 def test_every_option_is_documented():

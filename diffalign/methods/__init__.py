@@ -7,6 +7,7 @@ never names a model family. ``METHODS`` maps ``method.name`` to its class.
 from __future__ import annotations
 
 from diffalign.config import ConfigError
+from diffalign.methods.alignprop import AlignProp
 from diffalign.methods.dpo import DiffusionDPO
 from diffalign.methods.inpo import DDIMInPO
 from diffalign.methods.mapo import MaPO
@@ -15,6 +16,7 @@ METHODS: dict[str, type] = {
     "dpo": DiffusionDPO,
     "mapo": MaPO,
     "inpo": DDIMInPO,
+    "alignprop": AlignProp,
 }
 
 

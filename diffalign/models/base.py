@@ -15,6 +15,9 @@ pipeline; it overrides only how prompts become conditioning and how the UNet is 
     predict           (x_t, t, Cond) -> UNet output                    (family hook: _unet_kwargs)
     reference()       context: predict() uses the reference (adapters disabled, or the frozen copy), no grad,
                       restored in `finally`
+    sampling_cond     prompts + image size -> Cond for generating whole (uncropped) images
+    null_cond         n + image size -> the unconditional Cond classifier-free guidance pairs it with
+    latent_shape      n + image size -> the shape of the initial noise to generate from
     encode_pairs      a preference batch (pixels or cached latents) -> (x0 [2B,...], Cond [2B])
 
 Adding to this list is an API change.
@@ -248,6 +251,20 @@ class DiffusionModel:
         size = mean.shape[-1] * self.latent_factor
         cond = self.add_time_ids(cond.repeat(2), batch["original_sizes"], batch["crops"], (size, size))
         return self.sample_latents(mean, std, generator), cond
+
+    def sampling_cond(self, prompts: Sequence[str], size: tuple[int, int]) -> Cond:
+        """Conditioning to generate whole images of `size` (H, W) pixels: original = target size, no crop."""
+        n = len(prompts)
+        sizes = torch.tensor([list(size)] * n)
+        return self.add_time_ids(self.encode_prompt(prompts), sizes, torch.zeros(n, 2, dtype=torch.long), size)
+
+    def null_cond(self, n: int, size: tuple[int, int]) -> Cond:
+        """The unconditional branch of classifier-free guidance: the empty prompt (family hook)."""
+        return self.sampling_cond([""] * n, size)
+
+    def latent_shape(self, n: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        f = self.latent_factor
+        return n, unwrap(self.unet).config.in_channels, size[0] // f, size[1] // f
 
     @property
     def latent_factor(self) -> int:

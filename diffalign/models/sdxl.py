@@ -45,3 +45,8 @@ class SDXLModel(DiffusionModel):
 
     def _unet_kwargs(self, cond: Cond) -> dict:
         return {"added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": cond.time_ids}}
+
+    def null_cond(self, n: int, size: tuple[int, int]) -> Cond:
+        """Zero prompt embeddings, as SDXL base's pipeline does for an empty negative prompt."""
+        cond = self.sampling_cond([""] * n, size)
+        return Cond(hidden=torch.zeros_like(cond.hidden), pooled=torch.zeros_like(cond.pooled), time_ids=cond.time_ids)
