@@ -1,4 +1,4 @@
-"""Command line: ``diffalign train | cache | demo | tiny``. ``main(argv)`` is callable from tests."""
+"""Command line: ``diffalign train | cache | relabel | demo | tiny``. ``main(argv)`` is callable from tests."""
 
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text, epilog=_options_epilog(), formatter_class=fmt)
         p.add_argument("config", help="YAML config file (holds only deviations from the defaults)")
         p.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+    relabel = sub.add_parser("relabel", help="score both images of every pair in data.* with a reward and keep or "
+                                              "flip the label (AI feedback)", epilog=_options_epilog(),
+                             formatter_class=fmt)
+    relabel.add_argument("config", help="YAML config whose data.* section names the pairs")
+    relabel.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+    relabel.add_argument("--reward", required=True,
+                         help="a reward name, or a YAML mapping such as '{name: pickscore, model_name: /w/pickscore}'")
+    relabel.add_argument("--out", required=True, help="folder for pairs.jsonl and images/")
+    relabel.add_argument("--margin", type=float, default=0.0, help="flip only when the loser wins by more than this")
     demo = sub.add_parser("demo", help="train Diffusion-DPO for a few steps on a generated tiny pipeline and data")
     demo.add_argument("--out", default="runs/demo", help="folder for the tiny model, data and run")
     demo.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
@@ -52,6 +61,8 @@ def _run(args: argparse.Namespace) -> int:
         print(build_tiny_pipeline(args.family, args.path))
         return 0
     cfg = load_config(args.config, args.overrides)
+    if args.command == "relabel":
+        return _relabel(cfg, args)
     if args.command == "cache":
         from diffalign.data.cache import build_cache
         from diffalign.models import load_model
@@ -61,6 +72,22 @@ def _run(args: argparse.Namespace) -> int:
     from diffalign.trainer import train
 
     print(f"final weights: {train(cfg)}")
+    return 0
+
+
+def _relabel(cfg, args: argparse.Namespace) -> int:
+    import yaml
+
+    from diffalign.relabel import relabel
+    from diffalign.rewards import reward_from_config
+
+    try:
+        reward = reward_from_config(yaml.safe_load(args.reward))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"--reward: {err}") from None
+    counts = relabel(cfg.data, reward, args.out, args.margin)
+    print(f"{counts['pairs']} pairs scored with {reward.name}, {counts['flipped']} flipped, {counts['skipped']} "
+          f"skipped -> {args.out}/pairs.jsonl")
     return 0
 
 
