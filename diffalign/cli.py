@@ -19,7 +19,14 @@ def _options_epilog() -> str:
     for key, default, help_ in describe_options():
         lines.append(f"  {key} = {default}")
         lines += textwrap.wrap(help_, 100, initial_indent="      ", subsequent_indent="      ")
-    lines.append("  method.* : depends on method.name (dpo: method.beta)")
+    from diffalign.methods import METHODS
+
+    for name, cls in METHODS.items():
+        lines.append(f"method options for method.name={name}:")
+        for key, default, help_ in describe_options(cls, "method."):
+            if key != "method.name":
+                lines.append(f"  {key} = {default}")
+                lines += textwrap.wrap(help_, 100, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines)
 
 
