@@ -2,6 +2,7 @@
 
     python scripts/bench_dpo.py                          # tiny SDXL, 64 px, 4 pairs/step, LoRA rank 4
     python scripts/bench_dpo.py --family sd15 --steps 50
+    python scripts/bench_dpo.py --method mapo --modes cached --full-ft    # MaPO vs DPO: --method dpo|mapo|inpo
 
 Each mode runs in its own process so that peak resident memory (ru_maxrss) belongs to that mode alone.
 The uncached mode VAE-encodes and text-encodes every batch, which is the per-step work of the diffusers
@@ -34,6 +35,8 @@ def run_mode(args: argparse.Namespace) -> dict:
                  f"output_dir={root / ('run-' + args.mode)}", f"data.resolution={args.resolution}",
                  f"train.batch_size={args.batch}", f"lora.rank={args.rank}", "train.report_to=none",
                  f"data.num_workers={args.workers}", f"method.name={args.method}", "train.lr=1e-4"]
+    if args.full_ft:
+        overrides.append("lora.enabled=false")
     if args.mode == "cached":
         overrides.append(f"data.cache_dir={root / ('cache-' + args.family)}")
     cfg = load_config(None, overrides)
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--full-ft", action="store_true", help="full fine-tuning (DPO/InPO keep a frozen UNet copy)")
     parser.add_argument("--workers", type=int, default=0, help="dataloader worker processes")
     parser.add_argument("--root", default="runs/bench")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -90,7 +94,8 @@ def main() -> None:
         if out.returncode or not lines:
             sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(lines[-1][7:]))
-    print(f"{args.family}, {args.resolution} px, {args.batch} pairs/step, LoRA rank {args.rank}, method {args.method}, "
+    tuning = "full fine-tuning" if args.full_ft else f"LoRA rank {args.rank}"
+    print(f"{args.family}, {args.resolution} px, {args.batch} pairs/step, {tuning}, method {args.method}, "
           f"{args.threads} threads, {args.workers} data workers, {args.steps} timed steps after {args.warmup} warm-up")
     print(f"{'mode':10s} {'pairs/s':>9s} {'steps/s':>9s} {'peak RSS MiB':>13s}")
     for r in results:
