@@ -11,8 +11,6 @@ All of it runs in fp32 whatever the UNet's precision.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -76,16 +74,13 @@ def ddim_invert(model: DiffusionModel, x0: Tensor, t: Tensor, cond: Cond, num_st
     interval just crossed. Samples whose path is shorter simply stop; only the samples still moving are fed to
     the UNet, so a batch costs sum(path lengths), not max * N.
     """
-    levels = inversion_levels(t.long(), num_steps, model.num_timesteps)
+    levels = inversion_levels(t.long().cpu(), num_steps, model.num_timesteps)   # one host sync, then CPU-only
     x = x0.float().clone()
-    for k in range(levels.shape[1] - 1):
+    for k in range(levels.shape[1] - 1):        # every column moves at least the sample with the longest path
         s, s_next = levels[:, k], levels[:, k + 1]
-        moving = s_next > s
-        idx = moving.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        xs, from_t, to_t = x[idx], s[idx], s_next[idx]
-        unet_t = from_t.clamp(min=0)
+        idx = (s_next > s).nonzero().squeeze(1)
+        from_t, to_t, idx = s[idx].to(x.device), s_next[idx].to(x.device), idx.to(x.device)
+        xs, unet_t = x[idx], from_t.clamp(min=0)
         pred = model.predict(xs, unet_t, cond.map(lambda v, i=idx: v[i]))
         eps = model.eps_from_prediction(pred, xs, unet_t)
         a_from, a_to = abar_at(model, from_t), abar_at(model, to_t)
@@ -120,8 +115,7 @@ def guided_eps(model: DiffusionModel, x: Tensor, t: int, cond: Cond, uncond: Con
 
 def sample(model: DiffusionModel, latents: Tensor, cond: Cond, num_steps: int, guidance_scale: float = 1.0,
            uncond: Cond | None = None, eta: float = 0.0, grad_steps: int = 0,
-           generator: torch.Generator | None = None, timesteps: list[int] | None = None,
-           callback: Callable[[int], None] | None = None) -> Tensor:
+           generator: torch.Generator | None = None, timesteps: list[int] | None = None) -> Tensor:
     """DDIM from initial noise `latents` [B,C,h,w] to clean latents; differentiable in the last `grad_steps`.
 
     Steps before the window run under no_grad. Inside it each UNet call is checkpointed, so what autograd keeps
@@ -135,8 +129,6 @@ def sample(model: DiffusionModel, latents: Tensor, cond: Cond, num_steps: int, g
         with torch.set_grad_enabled(i >= first_grad and torch.is_grad_enabled()):
             x = _sample_step(model, x, t, t_prev, cond, uncond, guidance_scale, eta, generator,
                              checkpointed=i >= first_grad)
-        if callback is not None:
-            callback(i)
     return x
 
 

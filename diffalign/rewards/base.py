@@ -42,7 +42,7 @@ def check_images(images: Any, name: str = "reward") -> None:
         raise ValueError(f"{name}: {expected}; got {found}")
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] != 3:
         raise ValueError(f"{name}: {expected}; got shape {tuple(images.shape)}")
-    lo, hi = (v.item() for v in torch.aminmax(images.detach().float()))
+    lo, hi = torch.stack(torch.aminmax(images.detach().float())).tolist()   # one host sync, not two
     if not (-RANGE_EPS <= lo and hi <= 1 + RANGE_EPS):  # also False for NaN
         raise ValueError(
             f"{name}: {expected}; got values in [{lo:.4g}, {hi:.4g}]. Map [-1,1] images with (x + 1) / 2 and do not "
