@@ -12,18 +12,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from diffalign.config import DataConfig
 from diffalign.data.pairs import PreferencePairs
+from diffalign.data.transforms import to_tensor
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL -> float [3,H,W] in [0,1]."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+def unit_pixels(image: Image.Image) -> torch.Tensor:
+    """PIL -> float [3,H,W] in [0,1], the reward contract (through the data pipeline's own conversion)."""
+    return (to_tensor(image.convert("RGB")) + 1) / 2
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def relabel(data: DataConfig, reward: Any, out: str | Path, margin: float = 0.0,
                 counts["skipped"] += 1
                 continue
             prompt, row = pairs.prompt(i), pairs.row(i)
-            scores = [reward(to_tensor(im)[None].to(device), [prompt]).item() for im in images]
+            scores = [reward(unit_pixels(im)[None].to(device), [prompt]).item() for im in images]
             flip = scores[1] > scores[0] + margin
             names = [f"images/{row}_{k}.png" for k in ("a", "b")]
             for image, name in zip(images, names, strict=True):
