@@ -76,6 +76,15 @@ def write_atomic(target: str | Path, fill: Callable[[Path], None]) -> Path:
     return commit(tmp, target)
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a file through a temporary sibling and a rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def prune(run_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints."""
     found = checkpoints(run_dir)
