@@ -1,4 +1,4 @@
-"""Command line: ``diffalign train | cache | relabel | demo | tiny``. ``main(argv)`` is callable from tests."""
+"""Command line: ``diffalign train | cache | relabel | sample | eval | demo | tiny``; ``main(argv)`` for tests."""
 
 from __future__ import annotations
 
@@ -35,7 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
     for name, text in (("train", "train with a method on preference data"),
-                       ("cache", "pre-encode latents and text embeddings into data.cache_dir")):
+                       ("cache", "pre-encode latents and text embeddings into data.cache_dir"),
+                       ("sample", "generate eval.prompts x eval.seeds from the base model and eval.checkpoints "
+                                  "(same initial noise for all) into output_dir/samples + metadata.jsonl"),
+                       ("eval", "sample (reusing images on disk), score with eval.rewards, and write win rates "
+                                "against the base, grids and report.html under output_dir")):
         p = sub.add_parser(name, help=text, description=text, epilog=_options_epilog(), formatter_class=fmt)
         p.add_argument("config", help="YAML config file (holds only deviations from the defaults)")
         p.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
@@ -70,6 +74,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.command == "relabel":
         return _relabel(cfg, args)
+    if args.command in ("sample", "eval"):
+        return _evaluate(cfg, args.command)
     if args.command == "cache":
         from diffalign.data.cache import build_cache
         from diffalign.models import load_model
@@ -95,6 +101,20 @@ def _relabel(cfg, args: argparse.Namespace) -> int:
     counts = relabel(cfg.data, reward, args.out, args.margin)
     print(f"{counts['pairs']} pairs scored with {reward.name}, {counts['flipped']} flipped, {counts['skipped']} "
           f"skipped -> {args.out}/pairs.jsonl")
+    return 0
+
+
+def _evaluate(cfg, command: str) -> int:
+    if command == "sample":
+        from diffalign.eval.sample import sample
+
+        print(f"metadata: {sample(cfg)}")
+        return 0
+    from diffalign.eval.evaluate import evaluate, summary_lines
+
+    results = evaluate(cfg)
+    print("\n".join(summary_lines(results)))
+    print(f"results: {cfg.output_dir}/results.json  report: {cfg.output_dir}/report.html")
     return 0
 
 

@@ -102,6 +102,62 @@ class TrainConfig:
     report_to: str = opt("tensorboard", "accelerate tracker", ("tensorboard", "wandb", "none"))
 
 
+SCHEDULERS = ("ddim", "pipeline", "ddpm", "euler", "euler_ancestral", "dpmpp_2m", "unipc", "pndm")
+DEFAULT_EVAL_REWARDS = ["pickscore", "hpsv2", "aesthetic", "clip_score"]
+
+
+@dataclass
+class EvalConfig:
+    prompts: str | list | None = opt(None, "evaluation prompts: a text file (one per line) or a list; null = the "
+                                           "50 shipped prompts in diffalign/assets/eval_prompts.txt")
+    seeds: list = opt([0, 1], "every prompt is sampled once per seed; base and checkpoints start from the same "
+                              "initial noise, torch.Generator('cpu').manual_seed(seed), as a diffusers pipeline would")
+    checkpoints: list = opt([], "weights to compare with the base: run folders (their final/), checkpoint-N or "
+                                "final folders, LoRA folders (pytorch_lora_weights.safetensors), folders holding "
+                                "unet/, or diffusers UNet folders; an entry may be {name: label, path: folder}. "
+                                "Empty = this run's output_dir/final when it exists")
+    base: bool = opt(True, "also sample the base model (win rates need it)")
+    num_steps: int = opt(50, "sampler steps")
+    guidance_scale: float = opt(7.5, "classifier-free guidance scale (diffusers' default: 7.5 for SD 1.x/2.x, "
+                                     "5.0 for SDXL); 1 disables guidance")
+    scheduler: str = opt("ddim", "sampler: a diffusers scheduler configured from the pipeline's scheduler config; "
+                                 "`pipeline` = the pipeline's own scheduler class", SCHEDULERS)
+    eta: float = opt(0.0, "DDIM eta (ddim only); noise comes from the same per-image seeded generator")
+    resolution: int | None = opt(None, "square image size in pixels; null = data.resolution")
+    negative_prompt: str = opt("", "negative prompt for classifier-free guidance; empty = the pipeline's "
+                                   "unconditional branch (zeros for SDXL)")
+    batch_size: int = opt(4, "images per sampling batch")
+    dtype: str = opt("auto", "UNet and text-encoder precision when sampling: auto = float16 on CUDA, float32 on "
+                             "CPU", ("auto", "float32", "float16", "bfloat16"))
+    rewards: list = opt(list(DEFAULT_EVAL_REWARDS), "rewards to score with (names from diffalign.rewards, or "
+                                                    "{name: ..., option: ...} mappings); the first one is "
+                                                    "printed on the grids")
+    num_resamples: int = opt(10000, "bootstrap resamples for the 95% intervals (prompts are resampled)")
+    confidence: float = opt(0.95, "interval coverage")
+    grid_cell: int = opt(256, "pixel size of one image in the grids")
+    grid_rows: int = opt(10, "rows (prompt x seed) per grid image")
+    every: int = opt(0, "in-training evaluation every N optimizer steps (0 = off): samples the first "
+                        "`every_prompts` prompts at seeds[0] and logs a grid to the trackers and output_dir/eval/")
+    every_prompts: int = opt(4, "prompts sampled by the in-training evaluation")
+
+    def __post_init__(self) -> None:
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
+            raise ConfigError(f"`eval.seeds` must be a non-empty list of non-negative integers, got {self.seeds!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"`eval.seeds` has repeated seeds: {self.seeds!r}")
+        for key in ("num_steps", "batch_size", "num_resamples", "grid_rows", "every_prompts"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"`eval.{key}` must be at least 1, got {getattr(self, key)}")
+        checks = {"every": self.every >= 0, "guidance_scale": self.guidance_scale >= 0,
+                  "confidence": 0 < self.confidence < 1, "grid_cell": self.grid_cell >= 16,
+                  "resolution": self.resolution is None or self.resolution >= 8, "eta": self.eta >= 0}
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"`eval.{key}` = {getattr(self, key)!r} is out of range")
+        if self.eta > 0 and self.scheduler != "ddim":
+            raise ConfigError(f"`eval.eta` = {self.eta} applies to the ddim scheduler only, not {self.scheduler!r}")
+
+
 @dataclass
 class Config:
     name: str = opt("run", "run name; outputs go to output_dir")
@@ -110,6 +166,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     method: Any = None  # a method config dataclass chosen by method.name; see diffalign.methods
 
     def __post_init__(self) -> None:

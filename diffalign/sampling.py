@@ -106,8 +106,7 @@ def guided_eps(model: DiffusionModel, x: Tensor, t: int, cond: Cond, uncond: Con
     tt = torch.full((n,), t, device=x.device, dtype=torch.long)
     if uncond is None or guidance_scale == 1.0:
         return model.eps_from_prediction(model.predict(x, tt, cond), x, tt)
-    both = Cond(**{k: None if v is None else torch.cat([u, v])
-                   for (k, v), u in zip(cond.tensors().items(), uncond.tensors().values(), strict=True)})
+    both = Cond.cat([uncond, cond])
     pred = model.predict(torch.cat([x, x]), tt.repeat(2), both)
     eps_u, eps_c = model.eps_from_prediction(pred, torch.cat([x, x]), tt.repeat(2)).chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)

@@ -117,6 +117,11 @@ class Trainer:
                                           num_training_steps=t.max_steps)
         self.model.unet, self.optimizer = self.acc.prepare(self.model.unet, self.optimizer)
         self.step = 0
+        self.progress_grid = None
+        if cfg.eval.every and self.acc.is_main_process:
+            from diffalign.eval.monitor import ProgressGrid
+
+            self.progress_grid = ProgressGrid(cfg, self.model)
 
     # ------------------------------------------------------------------------------ data
     def batches(self) -> Iterator[dict]:
@@ -243,6 +248,32 @@ class Trainer:
         self.step = ckpt.read_state(path)["step"]
         log.info("resumed from %s at step %d", path, self.step)
 
+    # ------------------------------------------------------------------------------ in-training evaluation
+    def evaluate(self) -> None:
+        """Sample the eval prompts with the current weights on the main process; log the progress grid."""
+        if self.progress_grid is not None:
+            wrapped = self.model.unet
+            unet = unwrap(wrapped)
+            self.model.unet = unet          # no DDP hooks: the other processes are not sampling
+            unet.eval()
+            try:
+                with torch.no_grad(), self.acc.autocast():
+                    grid = self.progress_grid(self.step)
+            finally:
+                self.model.unet = wrapped
+                unet.train()
+            self.log_grid(grid)
+        self.acc.wait_for_everyone()
+
+    def log_grid(self, grid: Any) -> None:
+        import numpy as np
+
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"eval/progress": np.asarray(grid)[None]}, step=self.step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"eval/progress": [grid]}, step=self.step)
+
     # ------------------------------------------------------------------------------ the loop
     def log_metrics(self, sums: dict[str, torch.Tensor], bar: tqdm, started: float) -> None:
         keys = sorted(sums)
@@ -267,6 +298,9 @@ class Trainer:
         acc.init_trackers(self.cfg.name, config=flat_hparams(self.cfg))
         batches = self.batches()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not acc.is_main_process, desc=self.cfg.name)
+        every = self.cfg.eval.every
+        if every and self.step == 0:
+            self.evaluate()                  # the starting point: the first column of the progress grid
         started = time.perf_counter()
         while self.step < t.max_steps:
             sums = self.train_step(batches)
@@ -274,6 +308,8 @@ class Trainer:
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self.log_metrics(sums, bar, started)
+            if every and (self.step % every == 0 or self.step == t.max_steps):
+                self.evaluate()
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()

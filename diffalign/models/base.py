@@ -58,6 +58,13 @@ class Cond:
         """[c; c; ...; c]: n copies stacked on the batch axis (winner block, loser block, ...)."""
         return self.map(lambda v: torch.cat([v] * n))
 
+    @staticmethod
+    def cat(conds: Sequence[Cond]) -> Cond:
+        """The conds stacked on the batch axis, in order."""
+        names = [f.name for f in dataclasses.fields(Cond)]
+        return Cond(**{k: None if getattr(conds[0], k) is None else torch.cat([getattr(c, k) for c in conds])
+                       for k in names})
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Cond:
         return self.map(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None))
 

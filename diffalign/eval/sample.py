@@ -1,0 +1,175 @@
+"""``diffalign sample``: images for every (prompt, seed) from the base model and each checkpoint, plus metadata.
+
+Layout under ``output_dir``::
+
+    samples/<model>/p<prompt index>_s<seed>.png     one PNG per image, written atomically
+    samples/<model>/settings.json                   what the images were made with (reuse check)
+    metadata.jsonl                                  one line per image: model, checkpoint, prompt, seed, path, ...
+
+Images already on disk are reused only when the settings and the checkpoint's weights file are unchanged (the
+folder's images are deleted otherwise), so an interrupted run resumes and a retrained checkpoint is never scored
+from stale images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffalign.checkpoint import write_text_atomic
+from diffalign.config import Config, ConfigError
+from diffalign.data.prompts import read_prompts
+from diffalign.eval.checkpoints import Checkpoint, applied, resolve_all
+from diffalign.eval.generate import generate, make_scheduler, to_uint8
+from diffalign.models.base import DTYPES, DiffusionModel
+
+log = logging.getLogger("diffalign")
+METADATA = "metadata.jsonl"
+BASE = "base"
+
+
+def default_prompts() -> Path:
+    return Path(str(resources.files("diffalign") / "assets" / "eval_prompts.txt"))
+
+
+def eval_prompts(cfg: Config) -> list[str]:
+    return read_prompts(cfg.eval.prompts if cfg.eval.prompts is not None else str(default_prompts()),
+                        "eval.prompts")
+
+
+def image_size(cfg: Config) -> tuple[int, int]:
+    size = cfg.eval.resolution or cfg.data.resolution
+    return size, size
+
+
+def sampling_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if torch.cuda.is_available() else torch.float32
+    return DTYPES[name]
+
+
+def settings(cfg: Config) -> dict[str, Any]:
+    """Everything besides the weights that decides the images."""
+    e = cfg.eval
+    return {"pretrained": cfg.model.pretrained, "vae": cfg.model.vae, "scheduler": e.scheduler,
+            "num_steps": e.num_steps, "guidance_scale": e.guidance_scale, "eta": e.eta,
+            "resolution": list(image_size(cfg)), "negative_prompt": e.negative_prompt, "dtype": e.dtype}
+
+
+@dataclass
+class Job:
+    prompt_index: int
+    prompt: str
+    seed: int
+
+    @property
+    def filename(self) -> str:
+        """Index, a hash of the prompt text (an edited prompt file never matches old images) and seed."""
+        digest = hashlib.sha1(self.prompt.encode()).hexdigest()[:8]
+        return f"p{self.prompt_index:04d}_{digest}_s{self.seed}.png"
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "model"
+
+
+def save_png(array: Any, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    Image.fromarray(array.numpy()).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+class Sampler:
+    """Generates one model's images for a list of jobs, skipping the ones already on disk."""
+
+    def __init__(self, cfg: Config, model: DiffusionModel) -> None:
+        self.cfg, self.model = cfg, model
+        self.scheduler = make_scheduler(model, cfg.eval.scheduler)
+        self.size = image_size(cfg)
+
+    def images(self, jobs: list[Job]) -> torch.Tensor:
+        e = self.cfg.eval
+        return generate(self.model, self.scheduler, [j.prompt for j in jobs], [j.seed for j in jobs], self.size,
+                        e.num_steps, e.guidance_scale, e.negative_prompt, e.eta)
+
+    def run(self, folder: Path, jobs: list[Job], ckpt: Checkpoint | None, bar: tqdm) -> None:
+        stamp = {"settings": settings(self.cfg), "checkpoint": ckpt.fingerprint() if ckpt else None}
+        stamp_file = folder / "settings.json"
+        if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
+            for old in folder.glob("p*_s*.png"):     # made with other settings or weights
+                old.unlink()
+            folder.mkdir(parents=True, exist_ok=True)
+            stamp_file.write_text(json.dumps(stamp, indent=2))
+        todo = [j for j in jobs if not (folder / j.filename).is_file()]
+        bar.update(len(jobs) - len(todo))
+        with applied(self.model, ckpt):
+            for start in range(0, len(todo), self.cfg.eval.batch_size):
+                batch = todo[start:start + self.cfg.eval.batch_size]
+                for job, array in zip(batch, to_uint8(self.images(batch)), strict=True):
+                    save_png(array, folder / job.filename)
+                bar.update(len(batch))
+
+
+def jobs_for(cfg: Config) -> list[Job]:
+    return [Job(i, prompt, seed) for i, prompt in enumerate(eval_prompts(cfg)) for seed in cfg.eval.seeds]
+
+
+def sample(cfg: Config) -> Path:
+    """Sample the base model and every checkpoint; returns the path of metadata.jsonl."""
+    from diffalign.models import load_model
+
+    out = Path(cfg.output_dir)
+    jobs = jobs_for(cfg)
+    checkpoints = resolve_all(cfg.eval.checkpoints, out)
+    models: list[tuple[str, Checkpoint | None]] = [(BASE, None)] if cfg.eval.base else []
+    models += [(c.label, c) for c in checkpoints]
+    if not models:
+        raise ConfigError(f"nothing to sample: eval.base is false and no checkpoint was found (eval.checkpoints "
+                          f"is empty and {out / 'final'} does not exist)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(cfg.model, device, sampling_dtype(cfg.eval.dtype))
+    sampler = Sampler(cfg, model)
+    records = []
+    with tqdm(total=len(models) * len(jobs), desc="sampling", unit="img") as bar:
+        for label, ckpt in models:
+            bar.set_postfix_str(label)
+            folder = out / "samples" / slug(label)
+            sampler.run(folder, jobs, ckpt, bar)
+            records += [_record(cfg, label, ckpt, job, folder / job.filename) for job in jobs]
+    return write_metadata(out, records)
+
+
+def _record(cfg: Config, label: str, ckpt: Checkpoint | None, job: Job, path: Path) -> dict[str, Any]:
+    return {"checkpoint": label, "checkpoint_path": str(ckpt.path) if ckpt else None, "prompt": job.prompt,
+            "prompt_index": job.prompt_index, "seed": job.seed, "path": str(path), **settings(cfg)}
+
+
+def write_metadata(out: Path, records: list[dict]) -> Path:
+    return write_text_atomic(out / METADATA, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_metadata(out: Path) -> list[dict]:
+    path = out / METADATA
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
+    return rows
