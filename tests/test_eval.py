@@ -1,0 +1,225 @@
+"""Evaluation on the tiny pipelines: fixed-seed sampling, checkpoints, reuse, win rates, report, in-training grids."""
+
+import json
+
+import html5lib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffalign import cli
+from diffalign.config import ConfigError, LoraConfig, ModelConfig, load_config
+from diffalign.eval.checkpoints import applied, resolve, resolve_all
+from diffalign.eval.evaluate import summarise
+from diffalign.eval.generate import generate, make_scheduler
+from diffalign.models import load_model
+from diffalign.models.lora import add_lora, save_lora
+
+PROMPTS = "[a red circle, a blue square, \"a <green> & 'triangle'\"]"
+
+
+def sample_args(pipeline, out, *extra):
+    return [f"model.pretrained={pipeline}", f"output_dir={out}", "data.resolution=32", f"eval.prompts={PROMPTS}",
+            "eval.seeds=[0, 7]", "eval.num_steps=3", "eval.guidance_scale=5.0", "eval.grid_cell=32",
+            "eval.rewards=[brightness, saturation]", "eval.num_resamples=500", *extra]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_pipelines, tmp_path_factory):
+    """A LoRA with non-zero random up-projections and a perturbed full UNet, both for the tiny SD 1.5."""
+    root = tmp_path_factory.mktemp("ckpts")
+    model = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd15"])))
+    gen = torch.Generator().manual_seed(0)
+    params = add_lora(model.unet, LoraConfig(rank=4))
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    (root / "run_lora" / "final").mkdir(parents=True)
+    save_lora(model, root / "run_lora" / "final")
+    (root / "run_lora" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 0.7 - 0.01 * s, "implicit_accuracy": 0.5}) + "\n" for s in (1, 2, 3)))
+    full = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd15"])))
+    with torch.no_grad():
+        for p in full.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    full.unet.save_pretrained(root / "ft" / "unet")
+    return {"lora": root / "run_lora", "unet": root / "ft"}
+
+
+@pytest.mark.parametrize(("family", "scheduler"), [("sd15", "ddim"), ("sd2", "dpmpp_2m"),
+                                                   ("sdxl", "euler_ancestral")])
+def test_generation_matches_the_diffusers_pipeline(family, scheduler, tiny_pipelines):
+    """Same seeds, same scheduler: our images equal the pipeline's (also for an ancestral sampler's noise)."""
+    from diffusers import DiffusionPipeline
+
+    model = load_model(ModelConfig(pretrained=str(tiny_pipelines[family])))
+    sched = make_scheduler(model, scheduler)
+    prompts, seeds = ["a red circle", "a blue square"], [3, 5]
+    ours = generate(model, sched, prompts, seeds, (32, 32), num_steps=4, guidance_scale=5.0)
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_pipelines[family]))
+    pipe.scheduler = type(sched).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompts, height=32, width=32, num_inference_steps=4, guidance_scale=5.0, output_type="pt",
+               generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    assert ours.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=0)
+
+
+def test_an_image_does_not_depend_on_its_batch(tiny_pipelines):
+    model = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd15"])))
+    sched = make_scheduler(model, "euler_ancestral")
+    both = generate(model, sched, ["a", "b"], [1, 2], (32, 32), 3, 5.0)
+    alone = generate(model, sched, ["b"], [2], (32, 32), 3, 5.0)
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(both[0], both[1])
+
+
+def read_metadata(out):
+    return [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+
+
+def test_sample_cli_same_seed_gives_identical_base_images_and_full_metadata(tiny_pipelines, checkpoints, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main(["sample", "configs/tiny_dpo_sd15.yaml",
+                     *sample_args(tiny_pipelines["sd15"], a, f"eval.checkpoints=[{checkpoints['lora']}]")]) == 0
+    assert cli.main(["sample", "configs/tiny_dpo_sd15.yaml",
+                     *sample_args(tiny_pipelines["sd15"], b)]) == 0
+    rows_a, rows_b = read_metadata(a), read_metadata(b)
+    assert len(rows_a) == 2 * 3 * 2 and len(rows_b) == 3 * 2           # models x prompts x seeds
+    assert {"prompt", "seed", "checkpoint", "path", "guidance_scale", "num_steps", "scheduler"} <= set(rows_a[0])
+    assert {r["checkpoint"] for r in rows_a} == {"base", "run_lora/final"}
+    assert {(r["prompt"], r["seed"]) for r in rows_b} == {(p, s) for p in ("a red circle", "a blue square",
+                                                                          "a <green> & 'triangle'") for s in (0, 7)}
+    base_a = {(r["prompt_index"], r["seed"]): r["path"] for r in rows_a if r["checkpoint"] == "base"}
+    for r in rows_b:                      # another run, without the checkpoint: byte-identical base images
+        assert open(r["path"], "rb").read() == open(base_a[(r["prompt_index"], r["seed"])], "rb").read()
+    tuned = [r for r in rows_a if r["checkpoint"] != "base"]
+    differs = [np.abs(np.asarray(Image.open(r["path"]), dtype=int) -
+                      np.asarray(Image.open(base_a[(r["prompt_index"], r["seed"])]), dtype=int)).max() for r in tuned]
+    assert min(differs) > 0                                                # the LoRA changes every image
+    seeds = {s: Image.open(base_a[(0, s)]) for s in (0, 7)}
+    assert np.asarray(seeds[0]).shape == (32, 32, 3) and seeds[0].tobytes() != seeds[7].tobytes()
+
+
+@pytest.mark.parametrize("kind", ["lora", "unet"])
+def test_a_checkpoint_is_applied_inside_the_block_and_removed_after(kind, tiny_pipelines, checkpoints):
+    model = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd15"])))
+    sched = make_scheduler(model, "ddim")
+    ckpt = resolve(str(checkpoints[kind]), "eval.checkpoints[0]")
+    assert ckpt.kind == kind
+
+    def images():
+        return generate(model, sched, ["a red circle"], [0], (32, 32), 3, 5.0)
+
+    before = images()
+    with applied(model, ckpt):
+        tuned = images()
+    assert (tuned - before).abs().max() > 1e-3
+    torch.testing.assert_close(images(), before, atol=0, rtol=0)
+
+
+def test_samples_are_reused_until_settings_or_weights_change(tiny_pipelines, checkpoints, tmp_path):
+    args = sample_args(tiny_pipelines["sd15"], tmp_path, f"eval.checkpoints=[{checkpoints['lora']}]")
+    cfg = ["sample", "configs/tiny_dpo_sd15.yaml", *args]
+    assert cli.main(cfg) == 0
+    base = sorted((tmp_path / "samples" / "base").glob("*.png"))
+    lora = sorted((tmp_path / "samples" / "run_lora_final").glob("*.png"))
+    stamp = {p: p.stat().st_mtime_ns for p in base + lora}
+    assert cli.main(cfg) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())             # nothing regenerated
+    weights = checkpoints["lora"] / "final" / "pytorch_lora_weights.safetensors"
+    weights.touch()                                                             # "retrained": new mtime
+    assert cli.main(cfg) == 0
+    assert all(p.stat().st_mtime_ns == stamp[p] for p in base)
+    assert all(p.stat().st_mtime_ns != stamp[p] for p in lora)
+    assert cli.main([*cfg, "eval.guidance_scale=3.0"]) == 0                     # other settings: all redone
+    assert all(p.stat().st_mtime_ns != stamp[p] for p in base)
+
+
+def test_eval_cli_writes_results_grids_and_a_valid_report(tiny_pipelines, checkpoints, tmp_path, capsys):
+    out = tmp_path / "eval"
+    entries = f"[{checkpoints['lora']}, {{name: full <ft>, path: {checkpoints['unet']}}}]"
+    assert cli.main(["eval", "configs/tiny_dpo_sd15.yaml",
+                     *sample_args(tiny_pipelines["sd15"], out, f"eval.checkpoints={entries}")]) == 0
+    assert "run_lora/final" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["models"]) == {"base", "run_lora/final", "full <ft>"}
+    rows = results["comparisons"]
+    assert [(r["checkpoint"], r["reward"]) for r in rows] == [
+        ("run_lora/final", "brightness"), ("run_lora/final", "saturation"),
+        ("full <ft>", "brightness"), ("full <ft>", "saturation")]
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 3 * 3 * 2
+    for r in rows:
+        assert r["n"] == 6 and r["wins"] + r["losses"] + r["ties"] == 6
+        assert r["win_rate"] == pytest.approx((r["wins"] + 0.5 * r["ties"]) / 6)
+        assert r["win_rate_ci"][0] <= r["win_rate"] <= r["win_rate_ci"][1]
+        tuned = [s[r["reward"]] for s in scores if s["checkpoint"] == r["checkpoint"]]
+        assert r["mean"] == pytest.approx(np.mean(tuned))
+    grid = Image.open(out / "grids" / "grid_000.png")
+    assert grid.size == (32 * (1 + 3), 24 + 32 * 6)            # label column + 3 models; header + 6 rows
+    text = (out / "report.html").read_text()
+    html5lib.HTMLParser(strict=True, namespaceHTMLElements=False).parse(text)   # raises on any parse error
+    assert "full &lt;ft&gt;" in text and "full <ft>" not in text
+    assert "Training curves" in text and "No training logs were found" not in text   # run_lora's metrics.jsonl
+
+
+def record(checkpoint, prompt_index, seed):
+    return {"checkpoint": checkpoint, "prompt_index": prompt_index, "seed": seed}
+
+
+@pytest.mark.parametrize(("delta", "expected"), [(1.0, 1.0), (-1.0, 0.0), (0.0, 0.5)])
+def test_summarise_pairs_images_by_prompt_and_seed(delta, expected):
+    """Base and tuned rows in different orders: each tuned score is compared with its own base image."""
+    keys = [(p, s) for p in range(4) for s in (0, 1)]
+    base = {k: float(10 * k[0] + k[1]) for k in keys}
+    shuffled = keys[::-1]
+    records = [record("base", *k) for k in keys] + [record("tuned", *k) for k in shuffled]
+    scores = {"r": [base[k] for k in keys] + [base[k] + delta for k in shuffled]}
+    cfg = load_config(None, ["eval.num_resamples=200", "eval.seeds=[0, 1]"])
+    (row,) = summarise(records, scores, cfg)["comparisons"]
+    assert row["win_rate"] == expected and row["win_rate_ci"] == [expected, expected]
+    assert row["n"] == 8 and row["mean"] == pytest.approx(np.mean(list(base.values())) + delta)
+
+
+def test_checkpoint_errors_name_the_key(tiny_pipelines, checkpoints, tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.checkpoints\[1\].*no weights found"):
+        resolve_all([str(checkpoints["lora"]), str(tmp_path)], tmp_path)
+    with pytest.raises(ConfigError, match="not unique"):
+        resolve_all([str(checkpoints["lora"]), str(checkpoints["lora"] / "final")], tmp_path)
+    with pytest.raises(ConfigError, match="path"):
+        resolve({"name": "x"}, "eval.checkpoints[0]")
+    assert resolve_all([], checkpoints["lora"])[0].label == "run_lora/final"   # a run's own final/
+    code = cli.main(["sample", "configs/tiny_dpo_sd15.yaml", *sample_args(tiny_pipelines["sd15"], tmp_path / "x"),
+                     "eval.base=false"])
+    assert code == 2
+    with pytest.raises(ConfigError, match="eval.eta"):
+        load_config(None, ["eval.scheduler=euler", "eval.eta=1.0"])
+    with pytest.raises(ConfigError, match="eval.seeds"):
+        load_config(None, ["eval.seeds=[1, 1]"])
+
+
+def test_in_training_evaluation_logs_a_progress_grid_and_leaves_training_unchanged(tiny_pipelines, tmp_path):
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from diffalign.data.toy import write_toy_pairs
+
+    toy = write_toy_pairs(tmp_path / "toy", num_pairs=8, size=32)
+    common = ["train.max_steps=4", "train.batch_size=2", "data.resolution=32", "data.num_workers=0",
+              f"data.path={toy}", f"model.pretrained={tiny_pipelines['sdxl']}", "train.checkpoint_every=0"]
+    watched = [*common, f"output_dir={tmp_path / 'with'}", "eval.every=2", "eval.every_prompts=2",
+               "eval.num_steps=2", "eval.grid_cell=32", "train.report_to=tensorboard"]
+    assert cli.main(["train", "configs/tiny_dpo_sdxl.yaml", *watched]) == 0
+    assert cli.main(["train", "configs/tiny_dpo_sdxl.yaml", *common, f"output_dir={tmp_path / 'without'}"]) == 0
+    folder = tmp_path / "with" / "eval"
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-000000", "step-000002", "step-000004"]
+    assert Image.open(folder / "progress.png").size == (32 * (1 + 3), 24 + 32 * 2)
+    events = EventAccumulator(str(tmp_path / "with" / "tiny_dpo_sdxl"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("eval/progress")] == [0, 2, 4]
+    final = {n: load_file(tmp_path / d / "final" / "pytorch_lora_weights.safetensors") for n, d in
+             (("with", "with"), ("without", "without"))}
+    for key, value in final["without"].items():         # sampling does not disturb the training RNG
+        torch.testing.assert_close(final["with"][key], value, atol=0, rtol=0)
