@@ -89,6 +89,18 @@ def test_every_shipped_config_validates(path):
         assert (reward if isinstance(reward, str) else reward["name"]) in REWARDS
     else:
         assert cfg.data.path
+    from diffalign.eval.sample import eval_prompts
+    from diffalign.rewards import REWARDS
+
+    assert len(eval_prompts(cfg)) >= 4                 # the shipped eval prompts (or the config's own)
+    assert all((r if isinstance(r, str) else r["name"]) in REWARDS for r in cfg.eval.rewards)
+
+
+def test_the_shipped_eval_prompt_file_is_varied_and_about_50_prompts():
+    from diffalign.eval.sample import default_prompts, eval_prompts
+
+    prompts = eval_prompts(load_config(None))
+    assert default_prompts().is_file() and 45 <= len(prompts) <= 60 and len(set(prompts)) == len(prompts)
 
 
 def test_every_option_is_documented():
