@@ -49,8 +49,8 @@ def evaluate(cfg: Config) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ scoring
 def reward_labels(specs: Sequence[Any]) -> list[str]:
-    names = [s if isinstance(s, str) else str(s.get("name", "reward")) if isinstance(s, dict) else "reward"
-             for s in specs]
+    """Column names for the rewards: the reward's name, numbered when a name repeats (two CLIP models)."""
+    names = [str(s.get("name", "reward")) if isinstance(s, dict) else str(s) for s in specs]
     return [n if names.count(n) == 1 else f"{n}#{names[:i].count(n) + 1}" for i, n in enumerate(names)]
 
 
