@@ -181,6 +181,7 @@ def test_summarise_pairs_images_by_prompt_and_seed(delta, expected):
     (row,) = summarise(records, scores, cfg)["comparisons"]
     assert row["win_rate"] == expected and row["win_rate_ci"] == [expected, expected]
     assert row["n"] == 8 and row["mean"] == pytest.approx(np.mean(list(base.values())) + delta)
+    assert row["mean_diff"] == pytest.approx(delta) and row["mean_diff_ci"] == pytest.approx([delta, delta])
 
 
 def test_checkpoint_errors_name_the_key(tiny_pipelines, checkpoints, tmp_path):

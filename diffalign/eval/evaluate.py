@@ -119,11 +119,12 @@ def _compare(records: list[dict], vals: list[float], label: str, reward: str, mo
     pairs = [(base[(r["prompt_index"], r["seed"])], vals[i], r["prompt_index"])
              for i, r in enumerate(records) if r["checkpoint"] == label and (r["prompt_index"], r["seed"]) in base]
     b, t, g = (np.array(col) for col in zip(*pairs, strict=True))
-    wr = stats.win_rate(b, t, g, **boot)
+    wr, diff = stats.win_rate(b, t, g, **boot), stats.mean_ci(t - b, g, **boot)
     tuned, base_mean = models[label][reward], models[BASE][reward]
     return {"checkpoint": label, "reward": reward, "n": wr["n"], "win_rate": wr["win_rate"], "win_rate_ci": wr["ci"],
             "wins": wr["wins"], "losses": wr["losses"], "ties": wr["ties"], "mean": tuned["mean"],
-            "mean_ci": tuned["ci"], "base_mean": base_mean["mean"], "base_mean_ci": base_mean["ci"]}
+            "mean_ci": tuned["ci"], "base_mean": base_mean["mean"], "base_mean_ci": base_mean["ci"],
+            "mean_diff": diff["mean"], "mean_diff_ci": diff["ci"]}
 
 
 def by_model(records: list[dict], scores: Scores) -> dict[str, dict[str, list[float]]]:

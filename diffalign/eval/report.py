@@ -210,7 +210,8 @@ def _settings_section(settings: dict) -> str:
 def _comparison_section(comparisons: list[dict]) -> str:
     if not comparisons:
         return "<h2>Win rates against the base model</h2>\n<p>No checkpoint was compared with the base model.</p>"
-    header = ["checkpoint", "reward", "n", "win rate [95% CI]", "base mean [CI]", "checkpoint mean [CI]", "W / L / T"]
+    header = ["checkpoint", "reward", "n", "win rate [95% CI]", "base mean [CI]", "checkpoint mean [CI]",
+              "paired difference [CI]", "W / L / T"]
     rows = [
         [
             _td(c.get("checkpoint", "")),
@@ -219,13 +220,15 @@ def _comparison_section(comparisons: list[dict]) -> str:
             _td(_with_ci(c.get("win_rate"), c.get("win_rate_ci")), _verdict(c.get("win_rate_ci"))),
             _td(_with_ci(c.get("base_mean"), c.get("base_mean_ci"), MEAN_FORMAT)),
             _td(_with_ci(c.get("mean"), c.get("mean_ci"), MEAN_FORMAT)),
+            _td(_with_ci(c.get("mean_diff"), c.get("mean_diff_ci"), MEAN_FORMAT)),
             _td(_counts(c)),
         ]
         for c in comparisons
     ]
     note = (
         "<p>Win rate: share of paired images (same prompt and seed) where the checkpoint scores higher than the "
-        "base model, ties counted as half. Green: the whole interval is above 0.5; red: below 0.5.</p>"
+        "base model, ties counted as half. Green: the whole interval is above 0.5; red: below 0.5. Paired "
+        "difference: the mean of (checkpoint - base) over the same pairs, the effect size to read next to it.</p>"
     )
     return "<h2>Win rates against the base model</h2>\n" + note + "\n" + _table(header, rows)
 
