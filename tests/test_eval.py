@@ -47,21 +47,23 @@ def checkpoints(tiny_pipelines, tmp_path_factory):
     return {"lora": root / "run_lora", "unet": root / "ft"}
 
 
-@pytest.mark.parametrize(("family", "scheduler"), [("sd15", "ddim"), ("sd2", "dpmpp_2m"),
-                                                   ("sdxl", "euler_ancestral")])
-def test_generation_matches_the_diffusers_pipeline(family, scheduler, tiny_pipelines):
-    """Same seeds, same scheduler: our images equal the pipeline's (also for an ancestral sampler's noise)."""
+@pytest.mark.parametrize(("family", "scheduler", "negative"), [("sd15", "ddim", ""), ("sd2", "dpmpp_2m", "blurry"),
+                                                               ("sdxl", "euler_ancestral", ""),
+                                                               ("sdxl", "ddim", "blurry")])
+def test_generation_matches_the_diffusers_pipeline(family, scheduler, negative, tiny_pipelines):
+    """Same seeds, scheduler and negative prompt: our images equal the pipeline's (also an ancestral sampler's)."""
     from diffusers import DiffusionPipeline
 
     model = load_model(ModelConfig(pretrained=str(tiny_pipelines[family])))
     sched = make_scheduler(model, scheduler)
     prompts, seeds = ["a red circle", "a blue square"], [3, 5]
-    ours = generate(model, sched, prompts, seeds, (32, 32), num_steps=4, guidance_scale=5.0)
+    ours = generate(model, sched, prompts, seeds, (32, 32), num_steps=4, guidance_scale=5.0, negative_prompt=negative)
     pipe = DiffusionPipeline.from_pretrained(str(tiny_pipelines[family]))
     pipe.scheduler = type(sched).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(prompts, height=32, width=32, num_inference_steps=4, guidance_scale=5.0, output_type="pt",
-               generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+               generator=[torch.Generator().manual_seed(s) for s in seeds],
+               negative_prompt=[negative] * 2 if negative else None).images
     assert ours.shape == (2, 3, 32, 32)
     torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=0)
 

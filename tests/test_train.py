@@ -162,20 +162,23 @@ def test_train_help_lists_options(capsys):
 
 
 def test_two_processes_train_as_one_group(tiny_pipelines, toy, tmp_path):
-    """torchrun with 2 CPU processes: one gloo group (not two silent single-process runs)."""
+    """torchrun with 2 CPU processes: one gloo group (not two silent single-process runs), with in-training eval."""
     import subprocess
     import sys
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign.cli", "train",
            "configs/tiny_dpo_sdxl.yaml", *overrides(tiny_pipelines, toy, out, "sdxl", "train.max_steps=2",
-                                                    "train.checkpoint_every=2")]
+                                                    "train.checkpoint_every=2", "eval.every=1",
+                                                    "eval.every_prompts=1", "eval.num_steps=2")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
     assert (out / "checkpoint-2" / "rng_0.pt").is_file() and (out / "checkpoint-2" / "rng_1.pt").is_file()
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    # in-training evaluation on the main process only, the other waiting: no hang, no DDP hooks
+    assert sorted(p.name for p in (out / "eval").glob("step-*")) == ["step-000000", "step-000001", "step-000002"]
 
 
 def test_bf16_with_gradient_checkpointing_keeps_lora_in_fp32(tiny_pipelines, toy, tmp_path):
