@@ -105,14 +105,20 @@ def _relabel(cfg, args: argparse.Namespace) -> int:
 
 
 def _evaluate(cfg, command: str) -> int:
+    from diffalign.eval.workers import is_main_process
+
     if command == "sample":
         from diffalign.eval.sample import sample
 
-        print(f"metadata: {sample(cfg)}")
+        path = sample(cfg)
+        if is_main_process():
+            print(f"metadata: {path}")
         return 0
     from diffalign.eval.evaluate import evaluate, summary_lines
 
     results = evaluate(cfg)
+    if results is None:          # not the main process of a multi-process launch
+        return 0
     print("\n".join(summary_lines(results)))
     print(f"results: {cfg.output_dir}/results.json  report: {cfg.output_dir}/report.html")
     return 0

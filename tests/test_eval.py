@@ -203,6 +203,32 @@ def test_checkpoint_errors_name_the_key(tiny_pipelines, checkpoints, tmp_path):
         load_config(None, ["eval.seeds=[1, 1]"])
 
 
+def test_two_processes_share_the_sampling_and_make_the_same_images(tiny_pipelines, checkpoints, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def args(out):
+        return sample_args(tiny_pipelines["sd15"], out, f"eval.checkpoints=[{checkpoints['lora']}]",
+                           "eval.batch_size=2")
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}      # as torchrun sets it: same float reductions in both runs
+    single = [sys.executable, "-m", "diffalign.cli", "sample", "configs/tiny_dpo_sd15.yaml", *args(tmp_path / "one")]
+    assert subprocess.run(single, capture_output=True, env=env, timeout=240).returncode == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign.cli", "eval",
+           "configs/tiny_dpo_sd15.yaml", *args(tmp_path / "two")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 2 models x 3 batches of 2 images, dealt round-robin: process 0 makes 8 images, process 1 makes 4
+    assert "process 0 of 2 made 8 images" in done.stderr and "process 1 of 2 made 4 images" in done.stderr
+    one, two = read_metadata(tmp_path / "one"), read_metadata(tmp_path / "two")
+    assert len(two) == len(one) == 12
+    for a, b in zip(one, two, strict=True):
+        assert {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
+        assert open(a["path"], "rb").read() == open(b["path"], "rb").read()
+    assert done.stdout.count("win rate") == 1 and (tmp_path / "two" / "report.html").is_file()
+
+
 def test_in_training_evaluation_logs_a_progress_grid_and_leaves_training_unchanged(tiny_pipelines, tmp_path):
     from safetensors.torch import load_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -25,15 +25,21 @@ from diffalign.eval.checkpoints import resolve_all
 from diffalign.eval.grid import make_grid, paginate
 from diffalign.eval.report import write_report
 from diffalign.eval.sample import BASE, open_rgb, read_metadata, sample, settings
+from diffalign.eval.workers import is_main_process
 
 log = logging.getLogger("diffalign")
 Scores = dict[str, list[float]]      # reward label -> one score per metadata record
 
 
-def evaluate(cfg: Config) -> dict[str, Any]:
-    """Sample (reusing images on disk), score, compare, and write results.json, grids and report.html."""
+def evaluate(cfg: Config) -> dict[str, Any] | None:
+    """Sample (reusing images on disk), score, compare, and write results.json, grids and report.html.
+
+    Under a multi-process launch all processes sample; the main one scores and reports, the others return None.
+    """
     out = Path(cfg.output_dir)
     sample(cfg)
+    if not is_main_process():
+        return None
     records = read_metadata(out)
     scores = score_records(records, cfg.eval.rewards, cfg.eval.batch_size, out)
     results = summarise(records, scores, cfg)

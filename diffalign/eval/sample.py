@@ -32,6 +32,7 @@ from diffalign.config import Config, ConfigError
 from diffalign.data.prompts import read_prompts
 from diffalign.eval.checkpoints import Checkpoint, applied, resolve_all
 from diffalign.eval.generate import generate, make_scheduler, to_uint8
+from diffalign.eval.workers import Workers, launched
 from diffalign.models.base import DTYPES, DiffusionModel
 
 log = logging.getLogger("diffalign")
@@ -102,28 +103,39 @@ class Sampler:
         self.cfg, self.model = cfg, model
         self.scheduler = make_scheduler(model, cfg.eval.scheduler)
         self.size = image_size(cfg)
+        self.made = 0
 
     def images(self, jobs: list[Job]) -> torch.Tensor:
         e = self.cfg.eval
         return generate(self.model, self.scheduler, [j.prompt for j in jobs], [j.seed for j in jobs], self.size,
                         e.num_steps, e.guidance_scale, e.negative_prompt, e.eta)
 
-    def run(self, folder: Path, jobs: list[Job], ckpt: Checkpoint | None, bar: tqdm) -> None:
+    def run(self, folder: Path, jobs: list[Job], ckpt: Checkpoint | None, bar: tqdm, workers: Workers) -> None:
+        if workers.is_main:
+            self.refresh(folder, ckpt)
+        workers.barrier()                            # stale images are gone before anyone lists what is missing
+        todo = [j for j in jobs if not (folder / j.filename).is_file()]
+        workers.barrier()                            # ... and everyone has listed it before anyone writes
+        bar.update(len(jobs) - len(todo))
+        size = self.cfg.eval.batch_size
+        with applied(self.model, ckpt):
+            for batch, done in workers.rounds([todo[i:i + size] for i in range(0, len(todo), size)]):
+                if batch:
+                    for job, array in zip(batch, to_uint8(self.images(batch)), strict=True):
+                        save_png(array, folder / job.filename)
+                    self.made += len(batch)
+                bar.update(done)
+
+    def refresh(self, folder: Path, ckpt: Checkpoint | None) -> None:
+        """Delete the folder's images unless they were made with these settings and weights; stamp it."""
         stamp = {"settings": settings(self.cfg), "checkpoint": ckpt.fingerprint() if ckpt else None}
         stamp_file = folder / "settings.json"
-        if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
-            for old in folder.glob("p*_s*.png"):     # made with other settings or weights
-                old.unlink()
-            folder.mkdir(parents=True, exist_ok=True)
-            stamp_file.write_text(json.dumps(stamp, indent=2))
-        todo = [j for j in jobs if not (folder / j.filename).is_file()]
-        bar.update(len(jobs) - len(todo))
-        with applied(self.model, ckpt):
-            for start in range(0, len(todo), self.cfg.eval.batch_size):
-                batch = todo[start:start + self.cfg.eval.batch_size]
-                for job, array in zip(batch, to_uint8(self.images(batch)), strict=True):
-                    save_png(array, folder / job.filename)
-                bar.update(len(batch))
+        if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+            return
+        for old in folder.glob("p*_s*.png"):
+            old.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp_file.write_text(json.dumps(stamp, indent=2))
 
 
 def jobs_for(cfg: Config) -> list[Job]:
@@ -131,7 +143,10 @@ def jobs_for(cfg: Config) -> list[Job]:
 
 
 def sample(cfg: Config) -> Path:
-    """Sample the base model and every checkpoint; returns the path of metadata.jsonl."""
+    """Sample the base model and every checkpoint; returns the path of metadata.jsonl.
+
+    Under ``torchrun`` / ``accelerate launch`` the batches are shared among the processes (one GPU each).
+    """
     from diffalign.models import load_model
 
     out = Path(cfg.output_dir)
@@ -142,17 +157,23 @@ def sample(cfg: Config) -> Path:
     if not models:
         raise ConfigError(f"nothing to sample: eval.base is false and no checkpoint was found (eval.checkpoints "
                           f"is empty and {out / 'final'} does not exist)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(cfg.model, device, sampling_dtype(cfg.eval.dtype))
-    sampler = Sampler(cfg, model)
-    records = []
-    with tqdm(total=len(models) * len(jobs), desc="sampling", unit="img") as bar:
-        for label, ckpt in models:
-            bar.set_postfix_str(label)
-            folder = out / "samples" / slug(label)
-            sampler.run(folder, jobs, ckpt, bar)
-            records += [_record(cfg, label, ckpt, job, folder / job.filename) for job in jobs]
-    return write_metadata(out, records)
+    with launched() as workers:
+        model = load_model(cfg.model, workers.device, sampling_dtype(cfg.eval.dtype))
+        sampler = Sampler(cfg, model)
+        records = []
+        with tqdm(total=len(models) * len(jobs), desc="sampling", unit="img", disable=not workers.is_main) as bar:
+            for label, ckpt in models:
+                bar.set_postfix_str(label)
+                folder = out / "samples" / slug(label)
+                sampler.run(folder, jobs, ckpt, bar, workers)
+                records += [_record(cfg, label, ckpt, job, folder / job.filename) for job in jobs]
+        if workers.world > 1:
+            log.info("process %d of %d made %d images", workers.rank, workers.world, sampler.made)
+        workers.barrier()
+        if workers.is_main:
+            write_metadata(out, records)
+        workers.barrier()
+    return out / METADATA
 
 
 def _record(cfg: Config, label: str, ckpt: Checkpoint | None, job: Job, path: Path) -> dict[str, Any]:
