@@ -44,7 +44,8 @@ def checkpoints(tiny_pipelines, tmp_path_factory):
         for p in full.unet.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     full.unet.save_pretrained(root / "ft" / "unet")
-    return {"lora": root / "run_lora", "unet": root / "ft"}
+    full.unet.save_pretrained(root / "ft_sharded", max_shard_size="200KB")   # as a 10 GB SDXL UNet is saved
+    return {"lora": root / "run_lora", "unet": root / "ft", "sharded": root / "ft_sharded"}
 
 
 @pytest.mark.parametrize(("family", "scheduler", "negative"), [("sd15", "ddim", ""), ("sd2", "dpmpp_2m", "blurry"),
@@ -119,6 +120,11 @@ def test_a_checkpoint_is_applied_inside_the_block_and_removed_after(kind, tiny_p
         tuned = images()
     assert (tuned - before).abs().max() > 1e-3
     torch.testing.assert_close(images(), before, atol=0, rtol=0)
+    if kind == "unet":                  # the same weights saved in shards (with an index) load alike
+        sharded = resolve(str(checkpoints["sharded"]), "eval.checkpoints[0]")
+        assert len(sharded.weights) > 2 and sharded.fingerprint()["files"].keys() != ckpt.fingerprint()["files"].keys()
+        with applied(model, sharded):
+            torch.testing.assert_close(images(), tuned, atol=0, rtol=0)
 
 
 def test_samples_are_reused_until_settings_or_weights_change(tiny_pipelines, checkpoints, tmp_path):

@@ -19,7 +19,8 @@ from diffalign.config import ConfigError
 from diffalign.models.base import DiffusionModel, unwrap
 from diffalign.models.lora import WEIGHTS_NAME
 
-UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                "diffusion_pytorch_model.safetensors.index.json")    # full SDXL UNets in fp32 are saved sharded
 ADAPTER = "diffalign_eval"
 
 
@@ -30,15 +31,16 @@ class Checkpoint:
     kind: str           # "lora" or "unet"
 
     @property
-    def weights(self) -> Path:
+    def weights(self) -> list[Path]:
+        """The weight files (a LoRA file, or every UNet shard and index)."""
         if self.kind == "lora":
-            return self.path / WEIGHTS_NAME
-        return next((self.path / n for n in UNET_WEIGHTS if (self.path / n).is_file()), self.path / UNET_WEIGHTS[0])
+            return [self.path / WEIGHTS_NAME]
+        return sorted(p for p in self.path.iterdir() if p.name.startswith("diffusion_pytorch_model"))
 
     def fingerprint(self) -> dict[str, Any]:
-        """Identifies the weights' contents on disk, so stale samples are never reused."""
-        stat = self.weights.stat()
-        return {"path": str(self.path), "kind": self.kind, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        """Identifies the weights' contents on disk (names, sizes, mtimes), so stale samples are never reused."""
+        files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in self.weights}
+        return {"path": str(self.path), "kind": self.kind, "files": files}
 
 
 def resolve(entry: Any, key: str) -> Checkpoint:
