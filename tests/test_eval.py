@@ -157,6 +157,7 @@ def test_eval_cli_writes_results_grids_and_a_valid_report(tiny_pipelines, checkp
     assert [(r["checkpoint"], r["reward"]) for r in rows] == [
         ("run_lora/final", "brightness"), ("run_lora/final", "saturation"),
         ("full <ft>", "brightness"), ("full <ft>", "saturation")]
+    assert results["checkpoints"]["full <ft>"]["saturation"]["win_rate"] == rows[3]["win_rate"]
     scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == 3 * 3 * 2
     for r in rows:

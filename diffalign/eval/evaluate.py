@@ -1,9 +1,9 @@
 """``diffalign eval``: score the samples with rewards, compare every checkpoint with the base, write the outputs.
 
-Under ``output_dir``: ``results.json`` (settings, per-model means and per-checkpoint comparisons with bootstrap
-intervals), ``scores.jsonl`` (every image's scores), ``grids/grid_<page>.png`` and ``report.html``. Samples are
-made first (or reused) by :func:`diffalign.eval.sample.sample`.
-"""
+Under ``output_dir``: ``results.json`` (settings; ``models``: per model and reward the mean with its interval;
+``checkpoints[label][reward]``: the comparison with the base, also flat as the ``comparisons`` list),
+``scores.jsonl`` (every image's scores), ``grids/grid_<page>.png`` and ``report.html``. Samples are made first
+(or reused) by :func:`diffalign.eval.sample.sample`."""
 
 from __future__ import annotations
 
@@ -109,9 +109,13 @@ def summarise(records: list[dict], scores: Scores, cfg: Config) -> dict[str, Any
     if BASE in labels:
         for label in (x for x in labels if x != BASE):
             comparisons += [_compare(records, vals, label, reward, models, boot) for reward, vals in scores.items()]
+    nested: dict[str, dict[str, dict]] = {}
+    for row in comparisons:
+        nested.setdefault(row["checkpoint"], {})[row["reward"]] = {k: v for k, v in row.items()
+                                                                   if k not in ("checkpoint", "reward")}
     return {"settings": {**settings(cfg), "seeds": list(e.seeds), "num_prompts": len(set(groups.tolist())),
                          "rewards": list(scores), "bootstrap": "prompts resampled with replacement", **boot},
-            "models": models, "comparisons": comparisons}
+            "models": models, "checkpoints": nested, "comparisons": comparisons}
 
 
 def _rows(records: list[dict], label: str) -> np.ndarray:
