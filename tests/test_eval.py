@@ -1,6 +1,7 @@
 """Evaluation on the tiny pipelines: fixed-seed sampling, checkpoints, reuse, win rates, report, in-training grids."""
 
 import json
+import re
 
 import html5lib
 import numpy as np
@@ -193,7 +194,7 @@ def test_summarise_pairs_images_by_prompt_and_seed(delta, expected):
     assert row["mean_diff"] == pytest.approx(delta) and row["mean_diff_ci"] == pytest.approx([delta, delta])
 
 
-def test_checkpoint_errors_name_the_key(tiny_pipelines, checkpoints, tmp_path):
+def test_checkpoint_and_reward_errors_name_the_key(tiny_pipelines, checkpoints, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"eval.checkpoints\[1\].*no weights found"):
         resolve_all([str(checkpoints["lora"]), str(tmp_path)], tmp_path)
     with pytest.raises(ConfigError, match="not unique"):
@@ -204,6 +205,12 @@ def test_checkpoint_errors_name_the_key(tiny_pipelines, checkpoints, tmp_path):
     code = cli.main(["sample", "configs/tiny_dpo_sd15.yaml", *sample_args(tiny_pipelines["sd15"], tmp_path / "x"),
                      "eval.base=false"])
     assert code == 2
+    for bad, message in (("[brightnes]", r"eval.rewards\[0\]`: unknown reward 'brightnes'"),
+                         ("[brightness, {name: clip_score, colour: 1}]", r"eval.rewards\[1\]`.*unknown option")):
+        code = cli.main(["eval", "configs/tiny_dpo_sd15.yaml", *sample_args(tiny_pipelines["sd15"], tmp_path / "y"),
+                         f"eval.rewards={bad}"])
+        assert code == 2 and not (tmp_path / "y").exists()       # refused before any image was made
+        assert re.search(message, capsys.readouterr().err)
     with pytest.raises(ConfigError, match="eval.eta"):
         load_config(None, ["eval.scheduler=euler", "eval.eta=1.0"])
     with pytest.raises(ConfigError, match="eval.seeds"):

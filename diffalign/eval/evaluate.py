@@ -37,6 +37,7 @@ def evaluate(cfg: Config) -> dict[str, Any] | None:
     Under a multi-process launch all processes sample; the main one scores and reports, the others return None.
     """
     out = Path(cfg.output_dir)
+    check_rewards(cfg.eval.rewards)                  # fail before sampling, not after
     sample(cfg)
     if not is_main_process():
         return None
@@ -60,12 +61,28 @@ def reward_labels(specs: Sequence[Any]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}#{names[:i].count(n) + 1}" for i, n in enumerate(names)]
 
 
+def check_rewards(specs: Sequence[Any]) -> None:
+    """Names and options of the configured rewards, checked without loading any weights."""
+    from diffalign.rewards import REWARDS
+    from diffalign.rewards.base import check_options
+
+    if not specs:
+        raise ConfigError("`eval.rewards` is empty: name at least one reward (e.g. [pickscore] or [brightness])")
+    for i, spec in enumerate(specs):
+        options = dict(spec) if isinstance(spec, dict) else {"name": spec}
+        name = options.pop("name", None)
+        if name not in REWARDS:
+            raise ConfigError(f"`eval.rewards[{i}]`: unknown reward {name!r}; available: {', '.join(sorted(REWARDS))}")
+        try:
+            check_options(name, REWARDS[name], options)
+        except ValueError as err:
+            raise ConfigError(f"`eval.rewards[{i}]`: {err}") from None
+
+
 def score_records(records: list[dict], specs: Sequence[Any], batch_size: int, out: Path) -> Scores:
     """Every image scored by every reward; one reward model is in memory at a time."""
     from diffalign.rewards import reward_from_config
 
-    if not specs:
-        raise ConfigError("`eval.rewards` is empty: name at least one reward (e.g. [pickscore] or [brightness])")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scores: Scores = {}
     for i, (label, spec) in enumerate(zip(reward_labels(specs), specs, strict=True)):
