@@ -70,6 +70,30 @@ def test_generation_matches_the_diffusers_pipeline(family, scheduler, negative, 
     torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=0)
 
 
+def test_sdxl_unconditional_branch_follows_the_pipelines_force_zeros_flag(tiny_pipelines, tmp_path):
+    """A pipeline saved with force_zeros_for_empty_prompt false encodes the empty prompt; so do we."""
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    folder = tmp_path / "sdxl"
+    shutil.copytree(tiny_pipelines["sdxl"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    model = load_model(ModelConfig(pretrained=str(folder)))
+    zeros = load_model(ModelConfig(pretrained=str(tiny_pipelines["sdxl"])))
+    assert not model.force_zeros_for_empty_prompt and zeros.force_zeros_for_empty_prompt
+    assert model.null_cond(1, (32, 32)).hidden.abs().sum() > 0 and zeros.null_cond(1, (32, 32)).hidden.abs().sum() == 0
+    sched = make_scheduler(model, "ddim")
+    ours = generate(model, sched, ["a red circle"], [3], (32, 32), num_steps=3, guidance_scale=5.0)
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    pipe.scheduler = type(sched).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(["a red circle"], height=32, width=32, num_inference_steps=3, guidance_scale=5.0, output_type="pt",
+               generator=[torch.Generator().manual_seed(3)]).images
+    torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=0)
+
+
 def test_an_image_does_not_depend_on_its_batch(tiny_pipelines):
     model = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd15"])))
     sched = make_scheduler(model, "euler_ancestral")

@@ -13,6 +13,16 @@ from diffalign.models.sd import tokenize
 
 class SDXLModel(DiffusionModel):
     pipeline_class_name = "StableDiffusionXLPipeline"
+    force_zeros_for_empty_prompt = True   # the pipeline's own flag (model_index.json); SDXL base sets it
+
+    @classmethod
+    def from_pretrained(cls, cfg, device="cpu", dtype=torch.float32):
+        from diffusers import DiffusionPipeline
+
+        model = super().from_pretrained(cfg, device, dtype)
+        index = DiffusionPipeline.load_config(cfg.pretrained, revision=cfg.revision)
+        model.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", True))
+        return model
 
     @classmethod
     def _load_text(cls, src, variant, dtype, kw):
@@ -47,6 +57,9 @@ class SDXLModel(DiffusionModel):
         return {"added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": cond.time_ids}}
 
     def null_cond(self, n: int, size: tuple[int, int]) -> Cond:
-        """Zero prompt embeddings, as SDXL base's pipeline does for an empty negative prompt."""
+        """Zero prompt embeddings, as the pipeline does for an empty negative prompt when the pipeline's
+        force_zeros_for_empty_prompt is set (SDXL base); the encoded empty prompt otherwise."""
         cond = self.sampling_cond([""] * n, size)
+        if not self.force_zeros_for_empty_prompt:
+            return cond
         return Cond(hidden=torch.zeros_like(cond.hidden), pooled=torch.zeros_like(cond.pooled), time_ids=cond.time_ids)
