@@ -94,6 +94,18 @@ def test_sdxl_unconditional_branch_follows_the_pipelines_force_zeros_flag(tiny_p
     torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=0)
 
 
+def test_every_configurable_scheduler_samples(tiny_pipelines):
+    from diffalign.config import SCHEDULERS
+    from diffalign.eval.generate import SCHEDULER_CLASSES
+
+    model = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd2"])))
+    for name in SCHEDULERS:
+        sched = make_scheduler(model, name)
+        assert type(sched).__name__ == SCHEDULER_CLASSES.get(name, "DDIMScheduler")   # the tiny pipeline's own
+        images = generate(model, sched, ["a red circle"], [0], (32, 32), 3, 5.0)
+        assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all(), name
+
+
 def test_an_image_does_not_depend_on_its_batch(tiny_pipelines):
     model = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd15"])))
     sched = make_scheduler(model, "euler_ancestral")
