@@ -37,6 +37,7 @@ from diffalign.models.base import DTYPES, DiffusionModel
 
 log = logging.getLogger("diffalign")
 METADATA = "metadata.jsonl"
+STAMP = "settings.json"
 BASE = "base"
 
 
@@ -128,14 +129,26 @@ class Sampler:
 
     def refresh(self, folder: Path, ckpt: Checkpoint | None) -> None:
         """Delete the folder's images unless they were made with these settings and weights; stamp it."""
-        stamp = {"settings": settings(self.cfg), "checkpoint": ckpt.fingerprint() if ckpt else None}
-        stamp_file = folder / "settings.json"
-        if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        if up_to_date(self.cfg, folder, ckpt):
             return
         for old in folder.glob("p*_s*.png"):
             old.unlink()
         folder.mkdir(parents=True, exist_ok=True)
-        stamp_file.write_text(json.dumps(stamp, indent=2))
+        (folder / STAMP).write_text(json.dumps(stamp_for(self.cfg, ckpt), indent=2))
+
+
+def stamp_for(cfg: Config, ckpt: Checkpoint | None) -> dict[str, Any]:
+    return {"settings": settings(cfg), "checkpoint": ckpt.fingerprint() if ckpt else None}
+
+
+def up_to_date(cfg: Config, folder: Path, ckpt: Checkpoint | None) -> bool:
+    """The folder's images were made with these settings and these weights."""
+    stamp_file = folder / STAMP
+    return stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp_for(cfg, ckpt)
+
+
+def complete(cfg: Config, folder: Path, ckpt: Checkpoint | None, jobs: list[Job]) -> bool:
+    return up_to_date(cfg, folder, ckpt) and all((folder / j.filename).is_file() for j in jobs)
 
 
 def jobs_for(cfg: Config) -> list[Job]:
@@ -157,18 +170,22 @@ def sample(cfg: Config) -> Path:
     if not models:
         raise ConfigError(f"nothing to sample: eval.base is false and no checkpoint was found (eval.checkpoints "
                           f"is empty and {out / 'final'} does not exist)")
+    folders = {label: out / "samples" / slug(label) for label, _ in models}
+    records = [_record(cfg, label, ckpt, job, folders[label] / job.filename) for label, ckpt in models for job in jobs]
+    pending = [(label, ckpt) for label, ckpt in models if not complete(cfg, folders[label], ckpt, jobs)]
     with launched() as workers:
-        model = load_model(cfg.model, workers.device, sampling_dtype(cfg.eval.dtype))
-        sampler = Sampler(cfg, model)
-        records = []
-        with tqdm(total=len(models) * len(jobs), desc="sampling", unit="img", disable=not workers.is_main) as bar:
-            for label, ckpt in models:
-                bar.set_postfix_str(label)
-                folder = out / "samples" / slug(label)
-                sampler.run(folder, jobs, ckpt, bar, workers)
-                records += [_record(cfg, label, ckpt, job, folder / job.filename) for job in jobs]
-        if workers.world > 1:
-            log.info("process %d of %d made %d images", workers.rank, workers.world, sampler.made)
+        if pending:                  # otherwise every image is on disk already: no model to load
+            model = load_model(cfg.model, workers.device, sampling_dtype(cfg.eval.dtype))
+            sampler = Sampler(cfg, model)
+            with tqdm(total=len(pending) * len(jobs), desc="sampling", unit="img",
+                      disable=not workers.is_main) as bar:
+                for label, ckpt in pending:
+                    bar.set_postfix_str(label)
+                    sampler.run(folders[label], jobs, ckpt, bar, workers)
+            if workers.world > 1:
+                log.info("process %d of %d made %d images", workers.rank, workers.world, sampler.made)
+        else:
+            log.info("all %d images are on disk with these settings and weights; nothing to sample", len(records))
         workers.barrier()
         if workers.is_main:
             write_metadata(out, records)
