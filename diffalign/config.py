@@ -119,7 +119,7 @@ class EvalConfig:
     base: bool = opt(True, "also sample the base model (win rates need it)")
     num_steps: int = opt(50, "sampler steps")
     guidance_scale: float = opt(7.5, "classifier-free guidance scale (diffusers' default: 7.5 for SD 1.x/2.x, "
-                                     "5.0 for SDXL); 1 disables guidance")
+                                     "5.0 for SDXL); at or below 1 guidance is off, as in the pipelines")
     scheduler: str = opt("ddim", "sampler: a diffusers scheduler configured from the pipeline's scheduler config; "
                                  "`pipeline` = the pipeline's own scheduler class", SCHEDULERS)
     eta: float = opt(0.0, "DDIM eta (ddim only); noise comes from the same per-image seeded generator")

@@ -49,21 +49,23 @@ def checkpoints(tiny_pipelines, tmp_path_factory):
     return {"lora": root / "run_lora", "unet": root / "ft", "sharded": root / "ft_sharded"}
 
 
-@pytest.mark.parametrize(("family", "scheduler", "negative"), [("sd15", "ddim", ""), ("sd2", "dpmpp_2m", "blurry"),
-                                                               ("sdxl", "euler_ancestral", ""),
-                                                               ("sdxl", "ddim", "blurry")])
-def test_generation_matches_the_diffusers_pipeline(family, scheduler, negative, tiny_pipelines):
+@pytest.mark.parametrize(("family", "scheduler", "negative", "guidance"),
+                         [("sd15", "ddim", "", 5.0), ("sd2", "dpmpp_2m", "blurry", 5.0),
+                          ("sdxl", "euler_ancestral", "", 5.0), ("sdxl", "ddim", "blurry", 5.0),
+                          ("sd15", "euler", "", 0.5)])          # at or below 1 the pipelines skip guidance
+def test_generation_matches_the_diffusers_pipeline(family, scheduler, negative, guidance, tiny_pipelines):
     """Same seeds, scheduler and negative prompt: our images equal the pipeline's (also an ancestral sampler's)."""
     from diffusers import DiffusionPipeline
 
     model = load_model(ModelConfig(pretrained=str(tiny_pipelines[family])))
     sched = make_scheduler(model, scheduler)
     prompts, seeds = ["a red circle", "a blue square"], [3, 5]
-    ours = generate(model, sched, prompts, seeds, (32, 32), num_steps=4, guidance_scale=5.0, negative_prompt=negative)
+    ours = generate(model, sched, prompts, seeds, (32, 32), num_steps=4, guidance_scale=guidance,
+                    negative_prompt=negative)
     pipe = DiffusionPipeline.from_pretrained(str(tiny_pipelines[family]))
     pipe.scheduler = type(sched).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(prompts, height=32, width=32, num_inference_steps=4, guidance_scale=5.0, output_type="pt",
+    ref = pipe(prompts, height=32, width=32, num_inference_steps=4, guidance_scale=guidance, output_type="pt",
                generator=[torch.Generator().manual_seed(s) for s in seeds],
                negative_prompt=[negative] * 2 if negative else None).images
     assert ours.shape == (2, 3, 32, 32)
@@ -164,6 +166,39 @@ def test_a_checkpoint_is_applied_inside_the_block_and_removed_after(kind, tiny_p
             torch.testing.assert_close(images(), tuned, atol=0, rtol=0)
 
 
+def test_lora_files_with_bare_keys_load_and_foreign_keys_are_an_error(tiny_pipelines, checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd15"])))
+    sched = make_scheduler(model, "ddim")
+    state = load_file(checkpoints["lora"] / "final" / "pytorch_lora_weights.safetensors")
+    for name, keys in (("bare", {k.removeprefix("unet."): v for k, v in state.items()}),
+                       ("text", {k.replace("unet.", "text_encoder."): v for k, v in state.items()}),
+                       ("junk", {"foo.weight": torch.zeros(2)})):
+        (tmp_path / name).mkdir()
+        save_file(keys, tmp_path / name / "pytorch_lora_weights.safetensors")
+    with applied(model, resolve(str(checkpoints["lora"]), "c")):
+        prefixed = generate(model, sched, ["a red circle"], [0], (32, 32), 3, 5.0)
+    with applied(model, resolve(str(tmp_path / "bare"), "c")):      # saved by unet.save_lora_adapter
+        torch.testing.assert_close(generate(model, sched, ["a red circle"], [0], (32, 32), 3, 5.0), prefixed,
+                                   atol=0, rtol=0)
+    for name in ("text", "junk"):                                    # never a silent run of the base model
+        with pytest.raises(ConfigError, match="match no UNet layer"):
+            with applied(model, resolve(str(tmp_path / name), "c")):
+                pass
+        assert not getattr(model.unet, "peft_config", {})
+
+
+def test_labels_that_would_share_a_samples_folder_are_refused(tmp_path):
+    from diffalign.eval.sample import sample_folders
+
+    assert len(set(sample_folders(tmp_path, ["base", "run/final", "run/checkpoint-2"]).values())) == 3
+    with pytest.raises(ConfigError, match="would share the folder"):
+        sample_folders(tmp_path, ["base", "lr 1e-4", "lr_1e-4"])
+    with pytest.raises(ConfigError, match="would share the folder"):
+        sample_folders(tmp_path, ["base", "Base!"])
+
+
 def test_samples_are_reused_until_settings_or_weights_change(tiny_pipelines, checkpoints, tmp_path, monkeypatch):
     args = sample_args(tiny_pipelines["sd15"], tmp_path, f"eval.checkpoints=[{checkpoints['lora']}]")
     cfg = ["sample", "configs/tiny_dpo_sd15.yaml", *args]
@@ -184,6 +219,11 @@ def test_samples_are_reused_until_settings_or_weights_change(tiny_pipelines, che
     assert all(p.stat().st_mtime_ns != stamp[p] for p in lora)
     assert cli.main([*cfg, "eval.guidance_scale=3.0"]) == 0                     # other settings: all redone
     assert all(p.stat().st_mtime_ns != stamp[p] for p in base)
+    stamp = {p: p.stat().st_mtime_ns for p in base}
+    assert cli.main([*cfg, "eval.guidance_scale=3.0", "model.vae_dtype=bfloat16"]) == 0   # model settings count
+    assert all(p.stat().st_mtime_ns != stamp[p] for p in base)
+    (tmp_path / "samples" / "base" / "settings.json").write_text("{not json")  # damaged stamp: redo, no crash
+    assert cli.main([*cfg, "eval.guidance_scale=3.0", "model.vae_dtype=bfloat16"]) == 0
 
 
 def test_eval_cli_writes_results_grids_and_a_valid_report(tiny_pipelines, checkpoints, tmp_path, capsys):
@@ -213,6 +253,24 @@ def test_eval_cli_writes_results_grids_and_a_valid_report(tiny_pipelines, checkp
     html5lib.HTMLParser(strict=True, namespaceHTMLElements=False).parse(text)   # raises on any parse error
     assert "full &lt;ft&gt;" in text and "full <ft>" not in text
     assert "Training curves" in text and "No training logs were found" not in text   # run_lora's metrics.jsonl
+
+
+def test_a_non_finite_score_names_the_reward_and_the_image(tmp_path):
+    from diffalign.eval.evaluate import score_records
+    from diffalign.rewards.base import Reward
+
+    class Broken(Reward):
+        name = "broken"
+
+        def score(self, images, prompts):
+            return torch.tensor([0.5, float("nan")])
+
+    records = []
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+        records.append({"checkpoint": "base", "prompt": "p", "path": str(tmp_path / f"{i}.png")})
+    with pytest.raises(ValueError, match=r"gave nan for .*1\.png \(base\)"):
+        score_records(records, [Broken()], 2, tmp_path)
 
 
 def record(checkpoint, prompt_index, seed):
@@ -294,11 +352,17 @@ def test_in_training_evaluation_logs_a_progress_grid_and_leaves_training_unchang
               f"data.path={toy}", f"model.pretrained={tiny_pipelines['sdxl']}", "train.checkpoint_every=0"]
     watched = [*common, f"output_dir={tmp_path / 'with'}", "eval.every=2", "eval.every_prompts=2",
                "eval.num_steps=2", "eval.grid_cell=32", "train.report_to=tensorboard"]
+    stale = tmp_path / "with" / "eval" / "step-000001"          # left by an earlier run with other prompts
+    stale.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (32, 32)).save(stale / f"{i}.png")
+    (stale / "settings.json").write_text(json.dumps({"prompts": ["other", "prompts"]}))
     assert cli.main(["train", "configs/tiny_dpo_sdxl.yaml", *watched]) == 0
     assert cli.main(["train", "configs/tiny_dpo_sdxl.yaml", *common, f"output_dir={tmp_path / 'without'}"]) == 0
     folder = tmp_path / "with" / "eval"
-    assert sorted(p.name for p in folder.glob("step-*")) == ["step-000000", "step-000002", "step-000004"]
-    assert Image.open(folder / "progress.png").size == (32 * (1 + 3), 24 + 32 * 2)
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-000000", "step-000001", "step-000002",
+                                                             "step-000004"]
+    assert Image.open(folder / "progress.png").size == (32 * (1 + 3), 24 + 32 * 2)   # steps 0, 2, 4: not the stale 1
     events = EventAccumulator(str(tmp_path / "with" / "tiny_dpo_sdxl"), size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("eval/progress")] == [0, 2, 4]

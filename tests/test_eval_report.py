@@ -123,7 +123,7 @@ def test_report_is_valid_self_contained_html(tmp_path, grid_png):
         _decode_image(img.get("src"))
     assert "http://" not in text and "https://" not in text
     assert "<script" not in text
-    assert not list(tmp_path.joinpath("out").glob("*.tmp"))  # the temporary file was renamed away
+    assert not list(tmp_path.joinpath("out").glob(".tmp-*"))  # the temporary file was renamed away
 
 
 def test_user_strings_are_escaped(tmp_path, grid_png):

@@ -94,6 +94,27 @@ def resolve_all(entries: list, run_dir: str | Path) -> list[Checkpoint]:
     return found
 
 
+def load_adapter(unet: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """Load the LoRA file as the active adapter; a file whose keys match no UNet layer is an error, not a no-op."""
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt.path / WEIGHTS_NAME), framework="pt") as f:
+        keys = list(f.keys())
+    prefix = "unet" if any(k.startswith("unet.") for k in keys) else None   # diffusers pipeline or bare UNet keys
+    mismatch = ConfigError(f"{ckpt.path / WEIGHTS_NAME}: its {len(keys)} keys (e.g. {keys[:2]}) match no UNet "
+                           "layer; expected diffusers LoRA keys such as unet.down_blocks.0...lora_A.weight")
+    try:
+        unet.load_lora_adapter(str(ckpt.path), prefix=prefix, adapter_name=ADAPTER, weight_name=WEIGHTS_NAME,
+                               local_files_only=True)
+    except (IndexError, KeyError, ValueError) as err:     # diffusers' ways of failing on foreign keys
+        raise mismatch from err
+    if not any(ADAPTER in getattr(m, "lora_A", {}) for m in unet.modules()):   # loaded nothing: not a silent no-op
+        if ADAPTER in getattr(unet, "peft_config", {}):
+            unet.delete_adapters(ADAPTER)
+        raise mismatch
+    unet.set_adapters([ADAPTER])
+
+
 @contextlib.contextmanager
 def applied(model: DiffusionModel, ckpt: Checkpoint | None) -> Iterator[None]:
     """Inside the block the model's UNet carries the checkpoint's weights; the base UNet is restored after."""
@@ -102,9 +123,7 @@ def applied(model: DiffusionModel, ckpt: Checkpoint | None) -> Iterator[None]:
         return
     unet = unwrap(model.unet)
     if ckpt.kind == "lora":
-        unet.load_lora_adapter(str(ckpt.path), prefix="unet", adapter_name=ADAPTER,
-                               weight_name=WEIGHTS_NAME, local_files_only=True)
-        unet.set_adapters([ADAPTER])
+        load_adapter(unet, ckpt)
         try:
             yield
         finally:
@@ -112,7 +131,9 @@ def applied(model: DiffusionModel, ckpt: Checkpoint | None) -> Iterator[None]:
         return
     from diffusers import UNet2DConditionModel
 
-    tuned = UNet2DConditionModel.from_pretrained(ckpt.path, torch_dtype=model.dtype).to(model.device)
+    fp16_only = not (ckpt.path / UNET_WEIGHTS[0]).is_file() and (ckpt.path / UNET_WEIGHTS[1]).is_file()
+    tuned = UNet2DConditionModel.from_pretrained(ckpt.path, torch_dtype=model.dtype,
+                                                 variant="fp16" if fp16_only else None).to(model.device)
     tuned.requires_grad_(False).eval()
     base, model.unet = model.unet, tuned
     try:

@@ -43,10 +43,10 @@ def evaluate(cfg: Config) -> dict[str, Any] | None:
         return None
     records = read_metadata(out)
     scores = score_records(records, cfg.eval.rewards, cfg.eval.batch_size, out)
-    results = summarise(records, scores, cfg)
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     write_text_atomic(out / "scores.jsonl", "".join(
         json.dumps({**_image_key(r), **{k: v[i] for k, v in scores.items()}}) + "\n" for i, r in enumerate(records)))
+    results = summarise(records, scores, cfg)
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     grids = write_grids(records, scores, cfg, out / "grids")
     curves = training_logs(cfg)
     write_report(out / "report.html", title=f"diffalign evaluation: {cfg.name}", settings=results["settings"],
@@ -95,7 +95,12 @@ def score_records(records: list[dict], specs: Sequence[Any], batch_size: int, ou
             batch = records[start:start + batch_size]
             images = torch.stack([load_image(image_path(r, out)) for r in batch]).to(device)
             with torch.no_grad():
-                values += reward(images, [r["prompt"] for r in batch]).cpu().tolist()
+                batch_scores = reward(images, [r["prompt"] for r in batch]).cpu()
+            bad = (~torch.isfinite(batch_scores)).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(f"reward {label} gave {batch_scores[bad[0]].item()} for "
+                                 f"{image_path(batch[bad[0]], out)} ({batch[bad[0]]['checkpoint']})")
+            values += batch_scores.tolist()
         scores[label] = values
         del reward
     return scores
@@ -216,7 +221,8 @@ def _image_key(record: dict) -> dict[str, Any]:
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """A plain-text table of the comparisons for the terminal."""
-    lines = [f"{'checkpoint':30s} {'reward':14s} {'win rate [95% CI]':26s} {'base mean':>10s} {'mean':>10s}"]
+    ci = f"{results['settings']['confidence']:.0%} CI"
+    lines = [f"{'checkpoint':30s} {'reward':14s} {'win rate [' + ci + ']':26s} {'base mean':>10s} {'mean':>10s}"]
     for c in results["comparisons"]:
         lo, hi = c["win_rate_ci"]
         lines.append(f"{c['checkpoint'][:30]:30s} {c['reward'][:14]:14s} "

@@ -23,11 +23,11 @@ SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": 
                      "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler"}
 
 
-def make_scheduler(model: DiffusionModel, name: str) -> Any:
+def make_scheduler(model: DiffusionModel, name: str, revision: str | None = None) -> Any:
     """A sampling scheduler from the pipeline's own scheduler config (``pipeline`` = the pipeline's class)."""
     import diffusers
 
-    config = _pipeline_scheduler_config(model)
+    config = _pipeline_scheduler_config(model, revision)
     cls_name = config.get("_class_name", "") if name == "pipeline" else SCHEDULER_CLASSES[name]
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
@@ -35,12 +35,12 @@ def make_scheduler(model: DiffusionModel, name: str) -> Any:
     return cls.from_config(config)
 
 
-def _pipeline_scheduler_config(model: DiffusionModel) -> dict:
+def _pipeline_scheduler_config(model: DiffusionModel, revision: str | None) -> dict:
     """The scheduler config saved with the pipeline (set_alpha_to_one, spacing, ...), not the training copy's."""
     try:
         from diffusers import DDIMScheduler
 
-        return dict(DDIMScheduler.load_config(model.source, subfolder="scheduler"))
+        return dict(DDIMScheduler.load_config(model.source, subfolder="scheduler", revision=revision))
     except (OSError, ValueError):
         return dict(model.scheduler.config)
 
@@ -74,7 +74,7 @@ def generate(model: DiffusionModel, scheduler: Any, prompts: Sequence[str], seed
     scheduler.set_timesteps(num_steps, device=device)
     x = latents.to(device) * scheduler.init_noise_sigma
     cond, uncond = guidance_conds(model, prompts, size, negative_prompt)
-    guided = guidance_scale != 1.0
+    guided = guidance_scale > 1.0          # as in the diffusers pipelines: at or below 1, the conditional branch only
     both = Cond.cat([uncond, cond]) if guided else cond
     step_kwargs = _step_kwargs(scheduler, generators, eta)
     for t in scheduler.timesteps:

@@ -207,10 +207,10 @@ def _settings_section(settings: dict) -> str:
     return "<h2>Settings</h2>\n" + _table(["setting", "value"], rows)
 
 
-def _comparison_section(comparisons: list[dict]) -> str:
+def _comparison_section(comparisons: list[dict], ci: str) -> str:
     if not comparisons:
         return "<h2>Win rates against the base model</h2>\n<p>No checkpoint was compared with the base model.</p>"
-    header = ["checkpoint", "reward", "n", "win rate [95% CI]", "base mean [CI]", "checkpoint mean [CI]",
+    header = ["checkpoint", "reward", "n", f"win rate [{ci}]", "base mean [CI]", "checkpoint mean [CI]",
               "paired difference [CI]", "W / L / T"]
     rows = [
         [
@@ -233,7 +233,7 @@ def _comparison_section(comparisons: list[dict]) -> str:
     return "<h2>Win rates against the base model</h2>\n" + note + "\n" + _table(header, rows)
 
 
-def _models_section(models: dict[str, dict]) -> str:
+def _models_section(models: dict[str, dict], ci: str) -> str:
     rewards = list(dict.fromkeys(reward for by_reward in models.values() for reward in by_reward))
     if not rewards:
         return ""
@@ -242,7 +242,7 @@ def _models_section(models: dict[str, dict]) -> str:
         + [_td(_with_ci(stats.get(r, {}).get("mean"), stats.get(r, {}).get("ci"), MEAN_FORMAT)) for r in rewards]
         for label, stats in models.items()
     ]
-    return "<h2>Mean scores [95% CI]</h2>\n" + _table(["model", *rewards], rows)
+    return f"<h2>Mean scores [{ci}]</h2>\n" + _table(["model", *rewards], rows)
 
 
 def _figure_section(title: str, png: bytes | None, missing: str) -> str:
@@ -279,11 +279,13 @@ def write_report(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    confidence = settings.get("confidence", 0.95)
+    ci = f"{confidence:.0%} CI" if _is_number(confidence) else "CI"
     sections = [
         f"<h1>{_esc(title)}</h1>",
         _settings_section(settings),
-        _comparison_section(results.get("comparisons", [])),
-        _models_section(results.get("models", {})),
+        _comparison_section(results.get("comparisons", []), ci),
+        _models_section(results.get("models", {}), ci),
         _figure_section("Score distributions", score_distribution_figure(scores), "No scores were recorded."),
         _figure_section("Training curves", training_curves_figure(curves), "No training logs were found."),
         _grids_section(grids),

@@ -63,10 +63,11 @@ def sampling_dtype(name: str) -> torch.dtype:
 
 def settings(cfg: Config) -> dict[str, Any]:
     """Everything besides the weights that decides the images."""
-    e = cfg.eval
-    return {"pretrained": cfg.model.pretrained, "vae": cfg.model.vae, "scheduler": e.scheduler,
-            "num_steps": e.num_steps, "guidance_scale": e.guidance_scale, "eta": e.eta,
-            "resolution": list(image_size(cfg)), "negative_prompt": e.negative_prompt, "dtype": e.dtype}
+    e, m = cfg.eval, cfg.model
+    return {"pretrained": m.pretrained, "revision": m.revision, "variant": m.variant, "vae": m.vae,
+            "vae_dtype": m.vae_dtype, "dtype": str(sampling_dtype(e.dtype)).removeprefix("torch."),
+            "scheduler": e.scheduler, "num_steps": e.num_steps, "guidance_scale": e.guidance_scale, "eta": e.eta,
+            "resolution": list(image_size(cfg)), "negative_prompt": e.negative_prompt}
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Sampler:
 
     def __init__(self, cfg: Config, model: DiffusionModel) -> None:
         self.cfg, self.model = cfg, model
-        self.scheduler = make_scheduler(model, cfg.eval.scheduler)
+        self.scheduler = make_scheduler(model, cfg.eval.scheduler, cfg.model.revision)
         self.size = image_size(cfg)
         self.made = 0
 
@@ -134,7 +135,7 @@ class Sampler:
         for old in folder.glob("p*_s*.png"):
             old.unlink()
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / STAMP).write_text(json.dumps(stamp_for(self.cfg, ckpt), indent=2))
+        write_text_atomic(folder / STAMP, json.dumps(stamp_for(self.cfg, ckpt), indent=2))
 
 
 def stamp_for(cfg: Config, ckpt: Checkpoint | None) -> dict[str, Any]:
@@ -143,8 +144,10 @@ def stamp_for(cfg: Config, ckpt: Checkpoint | None) -> dict[str, Any]:
 
 def up_to_date(cfg: Config, folder: Path, ckpt: Checkpoint | None) -> bool:
     """The folder's images were made with these settings and these weights."""
-    stamp_file = folder / STAMP
-    return stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp_for(cfg, ckpt)
+    try:
+        return json.loads((folder / STAMP).read_text()) == stamp_for(cfg, ckpt)
+    except (OSError, ValueError):          # missing or damaged: treat as made with other settings
+        return False
 
 
 def complete(cfg: Config, folder: Path, ckpt: Checkpoint | None, jobs: list[Job]) -> bool:
@@ -170,7 +173,7 @@ def sample(cfg: Config) -> Path:
     if not models:
         raise ConfigError(f"nothing to sample: eval.base is false and no checkpoint was found (eval.checkpoints "
                           f"is empty and {out / 'final'} does not exist)")
-    folders = {label: out / "samples" / slug(label) for label, _ in models}
+    folders = sample_folders(out, [label for label, _ in models])
     records = [_record(cfg, label, ckpt, job, folders[label] / job.filename) for label, ckpt in models for job in jobs]
     pending = [(label, ckpt) for label, ckpt in models if not complete(cfg, folders[label], ckpt, jobs)]
     with launched() as workers:
@@ -191,6 +194,18 @@ def sample(cfg: Config) -> Path:
             write_metadata(out, records)
         workers.barrier()
     return out / METADATA
+
+
+def sample_folders(out: Path, labels: list[str]) -> dict[str, Path]:
+    """One folder per model; labels that would share a folder (`lr 1e-4` and `lr_1e-4`) are refused."""
+    folders = {label: out / "samples" / slug(label) for label in labels}
+    seen: dict[str, str] = {}
+    for label, folder in folders.items():
+        other = seen.setdefault(folder.name.lower(), label)
+        if other != label:
+            raise ConfigError(f"`eval.checkpoints`: labels {other!r} and {label!r} would share the folder "
+                              f"{folder}; give one of them another {{name: ..., path: ...}}")
+    return folders
 
 
 def _record(cfg: Config, label: str, ckpt: Checkpoint | None, job: Job, path: Path) -> dict[str, Any]:
