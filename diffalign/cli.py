@@ -52,11 +52,13 @@ def _parser() -> argparse.ArgumentParser:
                          help="a reward name, or a YAML mapping such as '{name: pickscore, model_name: /w/pickscore}'")
     relabel.add_argument("--out", required=True, help="folder for pairs.jsonl and images/")
     relabel.add_argument("--margin", type=float, default=0.0, help="flip only when the loser wins by more than this")
-    demo = sub.add_parser("demo", help="train Diffusion-DPO for a few steps on a generated tiny pipeline and data")
+    demo = sub.add_parser("demo", help="train Diffusion-DPO on the shipped toy base model and generated pairs, then "
+                                       "evaluate it against the base")
     demo.add_argument("--out", default="runs/demo", help="folder for the tiny model, data and run")
     demo.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
-    tiny = sub.add_parser("tiny", help="build a tiny random-weight pipeline (sd15, sd2 or sdxl) for tests")
-    tiny.add_argument("family", choices=["sd15", "sd2", "sdxl"])
+    tiny = sub.add_parser("tiny", help="write a tiny pipeline: random weights (sd15, sd2, sdxl) for tests, or the "
+                                       "trained toy base model (toy: SD 1.5 architecture, coloured shapes, 32 px)")
+    tiny.add_argument("family", choices=["sd15", "sd2", "sdxl", "toy"])
     tiny.add_argument("path")
     return parser
 
@@ -68,8 +70,9 @@ def _run(args: argparse.Namespace) -> int:
         return run_demo(args.out, args.overrides)
     if args.command == "tiny":
         from diffalign.models.tiny import build_tiny_pipeline
+        from diffalign.models.toy import write_toy_pipeline
 
-        print(build_tiny_pipeline(args.family, args.path))
+        print(write_toy_pipeline(args.path) if args.family == "toy" else build_tiny_pipeline(args.family, args.path))
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.command == "relabel":

@@ -12,7 +12,7 @@ from diffalign.rewards import REWARDS, Reward, build_reward, reward_from_config
 from diffalign.rewards.aesthetic import AestheticMLP
 from diffalign.rewards.backbone import clip_preprocess
 
-PROMPTS = ["a red cube", "a photo of a dog"]
+PROMPTS = ["a red cube", "a photo of a blue dog"]   # colour words for prompt_colour
 # Tiny random-weight CLIPs, built in-process (no downloads). The real BPE vocabulary needs vocab_size 49408.
 OPEN_CLIP_TINY = {
     "embed_dim": 16,
@@ -35,6 +35,7 @@ DIFFERENTIABLE = {
     "brightness": {},
     "saturation": {},
     "target_colour": {"colour": [0.9, 0.2, 0.1]},
+    "prompt_colour": {},
     "clip_score": {"model_config": HF_TINY},
     "clip_score[open_clip]": {"backend": "open_clip", "model_config": OPEN_CLIP_TINY},
     "hpsv2": {"checkpoint": None, "model_config": OPEN_CLIP_TINY},
@@ -45,6 +46,7 @@ DIFFERENTIABLE = {
                                     {"name": "clip_score", "weight": 2.0, "model_config": HF_TINY}]},
 }
 NOT_DIFFERENTIABLE = {
+    "prompt_colour_match": {},
     "jpeg_compressibility": {},
     "jpeg_incompressibility": {},
     "weighted_sum[jpeg]": {"components": [{"name": "brightness", "weight": 1.0},
@@ -90,7 +92,7 @@ def test_gradient_reaches_the_images(rewards, key):
 
 @pytest.mark.parametrize("key", list(NOT_DIFFERENTIABLE))
 def test_non_differentiable_flag_and_shape(rewards, key):
-    scores = rewards[key](torch.rand(3, 3, 16, 16), ["x"] * 3)
+    scores = rewards[key](torch.rand(3, 3, 16, 16), ["a red x"] * 3)
     assert rewards[key].differentiable is False
     assert scores.shape == (3,) and scores.dtype == torch.float32
 
@@ -138,6 +140,28 @@ def test_pixel_rewards_hand_checked(rewards):
     assert red(constant([1.0, 0.0, 0.0]), PROMPTS).tolist() == [0.0, 0.0]
     assert red(constant(0.0), PROMPTS).tolist() == [-1.0, -1.0]
     assert red(constant([0.0, 1.0, 1.0]), PROMPTS).allclose(torch.tensor(-math.sqrt(3)))
+
+
+def test_prompt_colour_hand_checked():
+    """A pure red (220,40,40) half on grey: the chroma-weighted mean is exactly the red; grey counts for nothing."""
+    red = torch.tensor([220, 40, 40]) / 255
+    image = torch.full((1, 3, 4, 4), 0.5)
+    image[:, :, :, :2] = red.view(1, 3, 1, 1)
+    soft, match = build_reward("prompt_colour"), build_reward("prompt_colour_match")
+    assert soft(image, ["a red circle"]).item() == pytest.approx(0.0, abs=1e-6)
+    blue = torch.tensor([40, 70, 220]) / 255
+    distance = torch.linalg.vector_norm(red - blue).item()
+    assert soft(image, ["a blue circle"]).item() == pytest.approx(-distance, rel=1e-5)
+    assert match(image, ["a red circle"]).item() == 1.0 and match(image, ["A BLUE circle"]).item() == 0.0
+    custom = build_reward("prompt_colour_match", colours={"crimson": [220, 40, 40], "teal": [0, 128, 128]})
+    assert custom(image, ["crimson, please"]).item() == 1.0
+
+
+def test_prompt_colour_needs_a_colour_word_and_a_valid_palette():
+    with pytest.raises(ValueError, match="names none of the colours"):
+        build_reward("prompt_colour")(torch.rand(1, 3, 8, 8), ["a photo of a dog"])
+    with pytest.raises(ValueError, match="colours must map names"):
+        build_reward("prompt_colour", colours={"red": [300, 0, 0]})
 
 
 def test_target_colour_exact_match_has_finite_gradient():

@@ -222,9 +222,9 @@ def _image_key(record: dict) -> dict[str, Any]:
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """A plain-text table of the comparisons for the terminal."""
     ci = f"{results['settings']['confidence']:.0%} CI"
-    lines = [f"{'checkpoint':30s} {'reward':14s} {'win rate [' + ci + ']':26s} {'base mean':>10s} {'mean':>10s}"]
+    lines = [f"{'checkpoint':24s} {'reward':20s} {'win rate [' + ci + ']':24s} {'base mean':>10s} {'mean':>10s}"]
     for c in results["comparisons"]:
         lo, hi = c["win_rate_ci"]
-        lines.append(f"{c['checkpoint'][:30]:30s} {c['reward'][:14]:14s} "
-                     f"{c['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]{'':7s} {c['base_mean']:10.4g} {c['mean']:10.4g}")
+        lines.append(f"{c['checkpoint'][:24]:24s} {c['reward'][:20]:20s} "
+                     f"{c['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]{'':5s} {c['base_mean']:10.4g} {c['mean']:10.4g}")
     return lines

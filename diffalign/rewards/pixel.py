@@ -96,3 +96,68 @@ def jpeg_compressibility(*, quality: int = 95) -> Reward:
 def jpeg_incompressibility(*, quality: int = 95) -> Reward:
     """The JPEG size in kB (DDPO's incompressibility reward)."""
     return JpegSize(1.0, quality)
+
+
+# ------------------------------------------------------------------------------------------------ prompt colour
+# Named colours in [0,1]; red, green, blue and yellow are the toy world's (diffalign.data.toy).
+PROMPT_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
+                  "orange": (240, 140, 30), "purple": (140, 60, 180), "pink": (240, 120, 180)}
+CHROMA_EPS = 1e-6
+
+
+def named_colour(prompt: str, palette: dict[str, Sequence[float]], reward: str) -> str:
+    """The first word of the prompt that names a palette colour; ValueError naming the prompt otherwise."""
+    for word in prompt.lower().replace(",", " ").split():
+        if word in palette:
+            return word
+    raise ValueError(f"reward {reward!r}: prompt {prompt!r} names none of the colours {', '.join(palette)}")
+
+
+def chroma_weighted_colour(images: torch.Tensor) -> torch.Tensor:
+    """Mean RGB of each image weighted by pixel chroma (max - min), so grey backgrounds barely count: [B,3]."""
+    weight = images.amax(dim=1, keepdim=True) - images.amin(dim=1, keepdim=True)   # [B,1,H,W]
+    return (images * weight).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + CHROMA_EPS)
+
+
+class PromptColour(Reward):
+    """How well the image's colourful pixels match the colour the prompt names.
+
+    soft: minus the RGB distance between the chroma-weighted mean colour and the named colour (differentiable);
+    hard (``match``): 1 when the named colour is the palette colour nearest that mean, else 0 (an accuracy).
+    """
+
+    def __init__(self, palette: dict[str, Sequence[float]], match: bool) -> None:
+        self.palette = {name.lower(): tuple(float(c) / 255 for c in rgb) for name, rgb in palette.items()}
+        self.match = match
+        self.differentiable = not match
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        names = list(self.palette)
+        table = torch.tensor([self.palette[n] for n in names], dtype=images.dtype, device=images.device)
+        wanted = torch.tensor([names.index(named_colour(p, self.palette, self.name)) for p in prompts],
+                              device=images.device)
+        mean = chroma_weighted_colour(images)                                         # [B,3]
+        distances = torch.cdist(mean, table)                                          # [B,K]
+        if self.match:
+            return (distances.argmin(dim=1) == wanted).to(images.dtype)
+        return -distances.gather(1, wanted[:, None]).squeeze(1)
+
+
+def _palette(colours: dict | None, reward: str) -> dict:
+    palette = dict(PROMPT_COLOURS if colours is None else colours)
+    bad = [n for n, rgb in palette.items() if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb)]
+    if bad or not palette:
+        raise ValueError(f"reward {reward!r}: colours must map names to [r, g, b] in 0..255; bad: {bad or 'empty'}")
+    return palette
+
+
+@register("prompt_colour")
+def prompt_colour(*, colours: dict | None = None) -> Reward:
+    """Minus the RGB distance (0..sqrt(3)) between the image's chroma-weighted colour and the prompt's colour."""
+    return PromptColour(_palette(colours, "prompt_colour"), match=False)
+
+
+@register("prompt_colour_match")
+def prompt_colour_match(*, colours: dict | None = None) -> Reward:
+    """1 if the image's chroma-weighted colour is nearest the colour the prompt names, else 0 (not differentiable)."""
+    return PromptColour(_palette(colours, "prompt_colour_match"), match=True)

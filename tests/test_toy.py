@@ -1,0 +1,44 @@
+"""The shipped toy base model and the demo built on it."""
+
+import json
+
+import torch
+
+from diffalign.config import ModelConfig
+from diffalign.eval.generate import generate, make_scheduler
+from diffalign.models import load_model
+from diffalign.models.toy import TOY_RESOLUTION, toy_assets, write_toy_pipeline
+from diffalign.rewards import build_reward
+
+PROMPTS = [f"a {c} {s} on a grey background" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square")]
+
+
+def test_the_toy_pipeline_loads_in_diffusers_and_draws_the_prompts_colour(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    assert sum(p.stat().st_size for p in toy_assets().rglob("*") if p.is_file()) < 7e6   # shipped: fp16, small
+    path = write_toy_pipeline(tmp_path / "toy")
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    assert pipe.unet.dtype == torch.float32 and pipe.tokenizer("a red circle").input_ids[-1] == 49407
+    model = load_model(ModelConfig(pretrained=str(path)))
+    images = generate(model, make_scheduler(model, "ddim"), PROMPTS * 2, [0] * 8 + [1] * 8,
+                      (TOY_RESOLUTION, TOY_RESOLUTION), num_steps=20, guidance_scale=3.0)
+    accuracy = build_reward("prompt_colour_match")(images, PROMPTS * 2).mean().item()
+    assert accuracy >= 0.75            # chance is 0.25; measured 0.97 over seeds 0-7 at this guidance
+
+
+def test_the_demo_trains_and_evaluates_end_to_end(tmp_path, capsys):
+    from diffalign.demo import run_demo
+
+    code = run_demo(tmp_path, ["train.max_steps=10", "train.log_every=5", "train.checkpoint_every=0",
+                               "eval.seeds=[0, 1]", "eval.every=5", "eval.num_steps=5", "eval.every_prompts=2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "colour accuracy: base" in printed and "prompt_colour_match" in printed
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {(c["checkpoint"], c["reward"]) for c in results["comparisons"]} == {
+        ("run/final", "prompt_colour_match"), ("run/final", "prompt_colour")}
+    assert all(c["n"] == 16 for c in results["comparisons"])
+    assert (tmp_path / "run" / "report.html").is_file()
+    assert sorted(p.name for p in (tmp_path / "run" / "eval").glob("step-*")) == [
+        "step-000000", "step-000005", "step-000010"]
