@@ -40,10 +40,10 @@ def run_demo(out: str | Path, overrides: list[str] = ()) -> int:
     out = Path(out)
     print("diffalign demo: Diffusion-DPO on the shipped TOY base model (a tiny SD 1.5-architecture pipeline trained "
           "on coloured shapes, 32 px) with generated pairs that prefer the prompt's colour.")
-    write_toy_pipeline(out / "toy-sd15")
-    if not (out / "toy" / "pairs.jsonl").is_file():
-        write_toy_pairs(out / "toy", num_pairs=256, size=32)
-    shutil.rmtree(out / "run", ignore_errors=True)   # the demo's own run folder starts fresh each time
+    write_toy_pipeline(out / "toy-sd15", overwrite=True)
+    for folder in ("toy", "run"):                    # the demo's data and run start fresh each time (a second)
+        shutil.rmtree(out / folder, ignore_errors=True)
+    write_toy_pairs(out / "toy", num_pairs=256, size=32)
     raw = yaml.safe_load(DEMO_CONFIG.replace("{out}", str(out)))
     raw["output_dir"] = str(out / "run")
     raw["eval"]["prompts"] = PROMPTS
