@@ -26,7 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything is built locally
 
 import numpy as np
 import torch
@@ -42,8 +42,11 @@ NAMES = list(COLOURS)
 PALETTE = np.array([COLOURS[n] for n in NAMES], dtype=np.float32)
 
 
-def log(msg: str, t0: float = [time.time()][0]) -> None:  # noqa: B006
-    print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+START = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - START:7.1f}s] {msg}", flush=True)
 
 
 def prompt(colour: str, shape: str) -> str:
