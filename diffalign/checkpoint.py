@@ -72,7 +72,11 @@ def commit(tmp: Path, target: str | Path) -> Path:
 def write_atomic(target: str | Path, fill: Callable[[Path], None]) -> Path:
     """Create ``target`` by filling a temporary sibling folder and renaming it when ``fill`` returns."""
     tmp = temp_dir(target)
-    fill(tmp)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return commit(tmp, target)
 
 

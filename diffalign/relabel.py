@@ -13,17 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from diffalign.config import DataConfig
 from diffalign.data.pairs import PreferencePairs
-from diffalign.data.transforms import to_tensor
-
-
-def unit_pixels(image: Image.Image) -> torch.Tensor:
-    """PIL -> float [3,H,W] in [0,1], the reward contract (through the data pipeline's own conversion)."""
-    return (to_tensor(image.convert("RGB")) + 1) / 2
+from diffalign.data.transforms import unit_pixels
 
 
 @torch.no_grad()

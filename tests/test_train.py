@@ -196,3 +196,20 @@ def test_bf16_with_gradient_checkpointing_keeps_lora_in_fp32(tiny_pipelines, toy
     assert unet.is_gradient_checkpointing and unet.conv_in.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.params)
     assert torch.isfinite(metrics["loss"]) and torch.isfinite(metrics["grad_norm"])
+
+
+def test_write_atomic_leaves_nothing_behind_when_filling_fails(tmp_path):
+    from diffalign.checkpoint import write_atomic
+
+    def fill(folder):
+        (folder / "half.bin").write_bytes(b"x")
+        raise OSError("disk full")
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "good.bin").write_bytes(b"ok")
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(tmp_path / "final", fill)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]            # no .tmp-final left over
+    assert [p.name for p in (tmp_path / "final").iterdir()] == ["good.bin"]   # the old one is untouched
+    write_atomic(tmp_path / "final", lambda folder: (folder / "new.bin").write_bytes(b"n"))
+    assert [p.name for p in (tmp_path / "final").iterdir()] == ["new.bin"]

@@ -80,6 +80,11 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0).contiguous()
 
 
+def unit_pixels(image: Image.Image) -> torch.Tensor:
+    """Any PIL image -> float32 [3, H, W] in [0, 1], the reward contract."""
+    return (to_tensor(image.convert("RGB")) + 1) / 2
+
+
 def transform_image(image: Image.Image, resolution: int, aug: Augment) -> Transformed:
     """Resize, crop, flip and normalise one image, recording its original size and crop."""
     if image.mode != "RGB":

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from diffalign.checkpoint import write_text_atomic
 from diffalign.config import Config, ConfigError
+from diffalign.data.transforms import unit_pixels
 from diffalign.eval import stats
 from diffalign.eval.checkpoints import resolve_all
 from diffalign.eval.grid import make_grid, paginate
@@ -114,8 +115,7 @@ def image_path(record: dict, out: Path) -> Path:
 def load_image(path: Path) -> torch.Tensor:
     """A PNG as float [3,H,W] in [0,1]."""
     with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)
+        return unit_pixels(img)
 
 
 # ------------------------------------------------------------------------------------------------ numbers

@@ -30,7 +30,6 @@ import gzip
 import json
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from diffalign.checkpoint import write_atomic
 
 __all__ = ["TINY_FAMILIES", "build_tiny_pipeline", "clip_tokenizer", "unet_config"]
 
@@ -313,12 +314,4 @@ def build_tiny_pipeline(
     with torch.random.fork_rng(devices=[]):  # seed the weights without disturbing the caller's RNG
         torch.manual_seed(seed)
         pipe = _pipeline(family, prediction_type)
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return write_atomic(path, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))

@@ -11,10 +11,10 @@ diffusers folder, with the real CLIP BPE tokenizer, that ``StableDiffusionPipeli
 from __future__ import annotations
 
 import shutil
-import uuid
 from importlib import resources
 from pathlib import Path
 
+from diffalign.checkpoint import write_atomic
 from diffalign.models.tiny import EOS_TOKEN, clip_tokenizer
 
 TOY_RESOLUTION = 32
@@ -26,20 +26,16 @@ def toy_assets() -> Path:
 
 def write_toy_pipeline(path: str | Path, overwrite: bool = False) -> Path:
     """Write the toy pipeline to ``path`` (atomically; kept if it exists unless ``overwrite``); returns ``path``."""
-    from safetensors.torch import load_file, save_file
-
     path = Path(path)
     if (path / "model_index.json").is_file() and not overwrite:
         return path
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        shutil.copytree(toy_assets(), staging)
-        for weights in staging.rglob("*.safetensors"):        # fp16 on disk in the package, fp32 for use
-            save_file({k: v.float() for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
-        clip_tokenizer(pad_token=EOS_TOKEN).save_pretrained(staging / "tokenizer")
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return write_atomic(path, _fill)
+
+
+def _fill(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(toy_assets(), folder, dirs_exist_ok=True)
+    for weights in folder.rglob("*.safetensors"):        # fp16 on disk in the package, fp32 for use
+        save_file({k: v.float() for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    clip_tokenizer(pad_token=EOS_TOKEN).save_pretrained(folder / "tokenizer")
