@@ -8,7 +8,6 @@ Under ``output_dir``: ``results.json`` (settings; ``models``: per model and rewa
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from diffalign.eval.report import write_report
 from diffalign.eval.sample import BASE, open_rgb, read_metadata, sample, settings
 from diffalign.eval.workers import is_main_process
 
-log = logging.getLogger("diffalign")
 Scores = dict[str, list[float]]      # reward label -> one score per metadata record
 
 

@@ -18,9 +18,9 @@ from PIL import Image
 
 from diffalign.checkpoint import write_text_atomic
 from diffalign.config import Config
-from diffalign.eval.generate import generate, make_scheduler, to_uint8
+from diffalign.eval.generate import to_uint8
 from diffalign.eval.grid import make_grid
-from diffalign.eval.sample import STAMP, eval_prompts, image_size, open_rgb, save_png, settings
+from diffalign.eval.sample import STAMP, Job, Sampler, eval_prompts, open_rgb, save_png, settings
 from diffalign.models.base import DiffusionModel
 
 MAX_COLUMNS = 8
@@ -30,10 +30,10 @@ STEP_RE = re.compile(r"^step-(\d+)$")
 class ProgressGrid:
     def __init__(self, cfg: Config, model: DiffusionModel) -> None:
         e = cfg.eval
-        self.cfg, self.model = cfg, model
+        self.cfg = cfg
         self.prompts = eval_prompts(cfg)[: e.every_prompts]
         self.seed = e.seeds[0]
-        self.scheduler = make_scheduler(model, e.scheduler, cfg.model.revision)
+        self.sampler = Sampler(cfg, model)
         self.folder = Path(cfg.output_dir) / "eval"
         self.stamp = {"prompts": self.prompts, "seed": self.seed, "settings": settings(cfg)}
 
@@ -41,9 +41,10 @@ class ProgressGrid:
         """Sample the current model (the caller sets eval mode, precision and the unwrapped UNet)."""
         step_dir = self.folder / f"step-{step:06d}"
         step_dir.mkdir(parents=True, exist_ok=True)
+        jobs = [Job(i, prompt, self.seed) for i, prompt in enumerate(self.prompts)]
         size = self.cfg.eval.batch_size
-        for start in range(0, len(self.prompts), size):
-            for i, array in enumerate(to_uint8(self.images(self.prompts[start:start + size])), start):
+        for start in range(0, len(jobs), size):
+            for i, array in enumerate(to_uint8(self.sampler.images(jobs[start:start + size])), start):
                 save_png(array, step_dir / f"{i}.png")
         write_text_atomic(step_dir / STAMP, json.dumps(self.stamp))
         if torch.cuda.is_available():
@@ -53,11 +54,6 @@ class ProgressGrid:
         grid.save(tmp, format="PNG")
         tmp.replace(self.folder / "progress.png")
         return grid
-
-    def images(self, prompts: list[str]) -> torch.Tensor:
-        e = self.cfg.eval
-        return generate(self.model, self.scheduler, prompts, [self.seed] * len(prompts), image_size(self.cfg),
-                        e.num_steps, e.guidance_scale, e.negative_prompt, e.eta)
 
     def progress(self, step: int) -> Image.Image:
         """Columns: earlier evaluations of this run with the same prompts and settings, up to `step`."""
