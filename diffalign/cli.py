@@ -81,9 +81,11 @@ def _run(args: argparse.Namespace) -> int:
         return _evaluate(cfg, args.command)
     if args.command == "cache":
         from diffalign.data.cache import build_cache
-        from diffalign.models import load_model
+        from diffalign.workers import is_main_process
 
-        print(build_cache(cfg, load_model(cfg.model)))
+        path = build_cache(cfg)
+        if is_main_process():
+            print(path)
         return 0
     from diffalign.trainer import train
 
@@ -108,7 +110,7 @@ def _relabel(cfg, args: argparse.Namespace) -> int:
 
 
 def _evaluate(cfg, command: str) -> int:
-    from diffalign.eval.workers import is_main_process
+    from diffalign.workers import is_main_process
 
     if command == "sample":
         from diffalign.eval.sample import sample
@@ -128,6 +130,7 @@ def _evaluate(cfg, command: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from diffalign.checkpoint import CheckpointError
     from diffalign.data.cache import CacheError
     from diffalign.data.pairs import DataError
     from diffalign.trainer import TrainingDiverged
@@ -136,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (ConfigError, DataError, CacheError, FileNotFoundError) as err:
+    except (ConfigError, DataError, CacheError, CheckpointError, FileNotFoundError, NotADirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:

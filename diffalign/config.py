@@ -24,9 +24,11 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key at fault."""
 
 
-def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:  # noqa: A002
-    """A dataclass field with a default, a help text and optional allowed values."""
-    meta = {"help": help, "choices": choices}
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, *,  # noqa: A002
+        ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """A dataclass field with a default, a help text, optional allowed values and an optional numeric range
+    (``ge``: at least, ``gt``: above, ``le``: at most), checked when a config is loaded."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,54 +54,73 @@ class DataConfig:
     format: str = opt("auto", "input format; auto picks jsonl for .jsonl files, pickapic otherwise",
                       ("auto", "pickapic", "jsonl"))
     split: str = opt("train", "split to read from a datasets name or folder")
-    resolution: int = opt(1024, "square training resolution in pixels")
+    resolution: int = opt(1024, "square training resolution in pixels (a multiple of the VAE's latent factor, "
+                                "8 for SD)", ge=8)
     crop: str = opt("center", "crop after resizing the short side to `resolution`", ("center", "random"))
-    hflip: float = opt(0.0, "probability of a horizontal flip")
+    hflip: float = opt(0.0, "probability of a horizontal flip", ge=0, le=1)
     paired_transforms: bool = opt(True, "winner and loser share one crop and flip decision")
     ties: str = opt("drop", "pairs labelled 0.5: drop them (counted at start), or error",
                     ("drop", "error"))
     on_bad_image: str = opt("error", "a corrupt or missing image: raise naming the row and file, or drop the "
                                      "WHOLE pair and count it", ("error", "skip_pair"))
     caption_dropout: float = opt(0.0, "probability of replacing a prompt by the empty prompt (the official "
-                                      "Diffusion-DPO script uses 0.2; we default to 0)")
-    max_pairs: int | None = opt(None, "use only the first N pairs (after dropping ties)")
+                                      "Diffusion-DPO script uses 0.2; we default to 0)", ge=0, le=1)
+    max_skip_fraction: float = opt(0.05, "with on_bad_image=skip_pair, stop with an error once more than this share "
+                                         "of the pairs read in an epoch were unreadable", ge=0, le=1)
+    null_prompt: str = opt("error", "a null prompt (parquet caption or jsonl prompt): an error naming the row, or "
+                                    "the empty prompt", ("error", "empty"))
+    outside_paths: bool = opt(False, "allow jsonl image paths that leave the jsonl file's folder (absolute paths or "
+                                     "`..`); refused by default")
+    max_pairs: int | None = opt(None, "use only the first N pairs (after dropping ties)", ge=1)
     cache_dir: str | None = opt(None, "latent/text cache written by `diffalign cache`; used when set")
     cache_dtype: str = opt("float16", "dtype of cached tensors", ("float16", "float32", "bfloat16"))
-    num_workers: int = opt(2, "dataloader worker processes for decoding images")
+    cache_batch_size: int = opt(8, "pairs read and VAE-encoded at a time by `diffalign cache` (host memory holds a "
+                                   "few such batches of pixels; shards hold 1024 pairs each)", ge=1)
+    num_workers: int = opt(2, "dataloader worker processes for decoding images (at most the CPU cores: more are "
+                                 "clamped, with one warning)", ge=0)
 
 
 @dataclass
 class LoraConfig:
     enabled: bool = opt(True, "train LoRA adapters (reference = adapters disabled); false = full fine-tuning "
                               "with a frozen reference copy")
-    rank: int = opt(8, "LoRA rank r")
-    alpha: float | None = opt(None, "LoRA alpha; defaults to the rank (scale 1)")
+    rank: int = opt(8, "LoRA rank r", ge=1)
+    alpha: float | None = opt(None, "LoRA alpha; defaults to the rank (scale 1)", gt=0)
     target_modules: list = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get adapters")
     init: str = opt("gaussian", "LoRA weight init passed to peft", ("gaussian", "default"))
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = opt(1, "pairs (or prompts) per process per micro-step")
-    grad_accum: int = opt(1, "micro-steps per optimizer step")
-    max_steps: int = opt(2000, "optimizer steps")
-    lr: float = opt(1e-5, "peak learning rate (not scaled by batch size)")
+    batch_size: int = opt(1, "pairs (or prompts) per process per micro-step", ge=1)
+    grad_accum: int = opt(1, "micro-steps per optimizer step", ge=1)
+    max_steps: int = opt(2000, "optimizer steps", ge=1)
+    lr: float = opt(1e-5, "peak learning rate (not scaled by batch size)", gt=0)
     lr_scheduler: str = opt("constant_with_warmup", "diffusers scheduler name",
                             ("constant", "constant_with_warmup", "linear", "cosine"))
-    warmup_steps: int = opt(0, "linear warmup steps")
+    warmup_steps: int = opt(0, "linear warmup steps", ge=0)
     optimizer: str = opt("adamw", "optimizer", ("adamw", "adafactor"))
-    weight_decay: float = opt(1e-2, "decoupled weight decay")
+    weight_decay: float = opt(1e-2, "decoupled weight decay", ge=0)
     adam_betas: list = opt([0.9, 0.999], "AdamW betas")
-    adam_eps: float = opt(1e-8, "AdamW epsilon")
-    max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null disables clipping")
+    adam_eps: float = opt(1e-8, "AdamW epsilon", gt=0)
+    max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null disables clipping", gt=0)
     mixed_precision: str = opt("no", "autocast precision; frozen weights are stored in it", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute UNet activations in backward")
-    seed: int = opt(0, "global seed: data order, noise, timesteps")
-    checkpoint_every: int = opt(500, "write a checkpoint every N steps (0 = only the final weights)")
-    keep_last: int = opt(3, "checkpoints kept on disk (older ones are deleted)")
-    resume: str | None = opt(None, "`latest` or a checkpoint folder to continue from")
-    log_every: int = opt(10, "log metrics every N steps")
+    seed: int = opt(0, "global seed: data order, noise, timesteps", ge=0)
+    checkpoint_every: int = opt(500, "write a checkpoint every N steps (0 = only the final weights)", ge=0)
+    keep_last: int = opt(3, "checkpoints kept on disk (older ones are deleted)", ge=1)
+    resume: str | None = opt(None, "`latest` or a checkpoint folder to continue from; settings that differ from "
+                                   "the checkpoint's are listed (model, method, LoRA shape, batch layout refused)")
+    overwrite: bool = opt(False, "start afresh in an output_dir that holds another run: delete its checkpoints, "
+                                 "final/, metrics and eval samples first (otherwise such a folder is refused)")
+    log_every: int = opt(10, "log metrics every N steps", ge=1)
     report_to: str = opt("tensorboard", "accelerate tracker", ("tensorboard", "wandb", "none"))
+
+    def __post_init__(self) -> None:
+        betas = self.adam_betas
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                      for b in betas):
+            raise ConfigError(f"`train.adam_betas` = {betas!r} must be two numbers in [0, 1)")
 
 
 SCHEDULERS = ("ddim", "pipeline", "ddpm", "euler", "euler_ancestral", "dpmpp_2m", "unipc", "pndm")
@@ -191,6 +212,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+        if not raw:
+            raise ConfigError(f"{path}: the config file is empty; it needs at least model.pretrained and data.path "
+                              "(see configs/ for complete examples)")
     for item in overrides:
         apply_override(raw, item)
     return build_config(raw, source)
@@ -260,7 +284,22 @@ def _coerce(hint: Any, value: Any, fld: dataclasses.Field, source: str, key: str
     if choices and value not in choices:
         raise ConfigError(f"{source}: `{key}` = {value!r} is not one of {', '.join(choices)}"
                           f"{_suggest(str(value), choices) if isinstance(value, str) else ''}")
+    _check_range(value, fld.metadata, source, key)
     return value
+
+
+def _check_range(value: Any, meta: Any, source: str, key: str) -> None:
+    """The ``ge`` / ``gt`` / ``le`` bounds of ``opt``; a violation names the key and the allowed range."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    ge, gt, le = meta.get("ge"), meta.get("gt"), meta.get("le")
+    bad = (ge is not None and not value >= ge) or (gt is not None and not value > gt) or \
+        (le is not None and not value <= le) or value != value
+    if bad:
+        bounds = [f">= {ge:g}" if ge is not None else "", f"> {gt:g}" if gt is not None else "",
+                  f"<= {le:g}" if le is not None else ""]
+        allowed = " and ".join(b for b in bounds if b)
+        raise ConfigError(f"{source}: `{key}` = {value!r} is out of range (must be {allowed})")
 
 
 def _union_args(hint: Any) -> tuple:

@@ -21,8 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from diffalign import checkpoint as ckpt
-from diffalign.config import Config, dump_config, to_dict
+from diffalign import runs
+from diffalign.config import Config, ConfigError, dump_config, to_dict
 from diffalign.data import open_training_data
+from diffalign.data.pairs import DataError
 from diffalign.data.sampler import EpochBatches
 from diffalign.models import load_model
 from diffalign.models.base import DTYPES, DiffusionModel, unwrap
@@ -92,6 +94,38 @@ def _check_world(num_processes: int) -> None:
                            "--num_processes N` or `torchrun --nproc_per_node N`.")
 
 
+def _check_resolution(cfg: Config, factor: int) -> None:
+    for key, value in (("data.resolution", cfg.data.resolution), ("eval.resolution", cfg.eval.resolution)):
+        if value is not None and value % factor:
+            raise ConfigError(f"`{key}` = {value} is not a multiple of the VAE's latent factor {factor} "
+                              f"(e.g. {max(factor, value // factor * factor)})")
+
+
+def _worker_count(requested: int) -> int:
+    """data.num_workers, clamped (with one warning) to the CPU cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > cores:
+        log.warning("data.num_workers = %d exceeds the %d CPU cores available; using %d", requested, cores, cores)
+        return cores
+    return requested
+
+
+def divergence_advice(out: Path, step: int) -> str:
+    """Which checkpoint to go back to after step ``step`` diverged: not the one whose weights produced it."""
+    found = ckpt.checkpoints(out)
+    if not found:
+        return "No checkpoint was written."
+    steps = {p: int(p.name.split("-")[1]) for p in found}
+    good = [p for p in found if steps[p] <= step - 2 and ckpt.read_state(p).get("weights_finite", True)]
+    last, text = found[-1], ""
+    if steps[last] == step - 1:
+        text = (f"Last checkpoint: {last.name}, which holds the weights this step started from (resuming it "
+                "repeats the divergence unless a setting such as train.lr changes). ")
+    elif last not in good:
+        text = f"Last checkpoint: {last.name}, whose weights are not finite. "
+    return text + (f"Last good checkpoint: {good[-1].name}." if good else "No earlier good checkpoint.")
+
+
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         from accelerate import Accelerator
@@ -105,7 +139,9 @@ class Trainer:
         _check_world(self.acc.num_processes)
         set_seed(t.seed, device_specific=True)
         self.method = cfg.method
+        runs.check_output_dir(self.out)
         self.model = load_model(cfg.model, self.acc.device, DTYPES[t.mixed_precision])
+        _check_resolution(cfg, self.model.latent_factor)
         self.params = make_trainable(self.model, cfg, getattr(self.method, "needs_reference", False))
         self.data = open_training_data(cfg, self.model)
         if hasattr(self.data, "repeat_to"):          # a short prompt list still fills a global batch
@@ -117,6 +153,8 @@ class Trainer:
                                           num_training_steps=t.max_steps)
         self.model.unet, self.optimizer = self.acc.prepare(self.model.unet, self.optimizer)
         self.step = 0
+        self.micro_batches = 0        # micro-batches this process has drawn, whole skipped ones included
+        self.skipped = {"epoch": -1, "pairs": 0, "run": 0}
         self.progress_grid = None
         if cfg.eval.every and self.acc.is_main_process:
             from diffalign.eval.monitor import ProgressGrid
@@ -125,22 +163,39 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ data
     def batches(self) -> Iterator[dict]:
-        """Micro-batches from the current position on; the position is derived from the step count."""
+        """Micro-batches from the current position on; the position is the count of micro-batches drawn."""
         t, acc = self.cfg.train, self.acc
         per_epoch = EpochBatches.per_epoch(len(self.data), t.batch_size, acc.num_processes)
         if per_epoch == 0:
-            raise ValueError(f"{self.cfg.data.path}: {len(self.data)} examples are fewer than one global batch "
-                             f"({t.batch_size} x {acc.num_processes} processes)")
-        epoch, start = divmod(self.step * t.grad_accum, per_epoch)
+            raise DataError(f"{self.cfg.data.path}: {len(self.data)} examples are fewer than one global batch "
+                            f"({t.batch_size} x {acc.num_processes} processes)")
+        epoch, start = divmod(self.micro_batches, per_epoch)
+        workers = _worker_count(self.cfg.data.num_workers)
         while True:
             self.data.set_epoch(epoch)
             order = EpochBatches(len(self.data), t.batch_size, t.seed, epoch, start, acc.process_index,
                                  acc.num_processes)
             loader = torch.utils.data.DataLoader(
-                self.data, batch_sampler=order, collate_fn=self.data.collate, num_workers=self.cfg.data.num_workers,
+                self.data, batch_sampler=order, collate_fn=self.data.collate, num_workers=workers,
                 generator=torch.Generator().manual_seed(t.seed), persistent_workers=False)
-            yield from loader
+            for batch in loader:
+                self.micro_batches += 1
+                self.count_skipped(batch, epoch, per_epoch * t.batch_size)
+                yield batch
             epoch, start = epoch + 1, 0
+
+    def count_skipped(self, batch: dict, epoch: int, epoch_pairs: int) -> None:
+        """Count unreadable pairs (data.on_bad_image=skip_pair); stop once an epoch's share passes the limit."""
+        if self.skipped["epoch"] != epoch:
+            self.skipped.update(epoch=epoch, pairs=0)
+        n = int(batch.get("num_skipped", 0))
+        self.skipped["pairs"] += n
+        self.skipped["run"] += n
+        limit = self.cfg.data.max_skip_fraction
+        if n and self.skipped["pairs"] > limit * epoch_pairs:
+            raise DataError(f"{self.cfg.data.path}: {self.skipped['pairs']} of the {epoch_pairs} pairs this process "
+                            f"reads in epoch {epoch} are unreadable, more than data.max_skip_fraction = {limit:g}; "
+                            "the warnings above name them. Fix or remove those rows, or raise the limit.")
 
     # ------------------------------------------------------------------------------ one optimizer step
     def train_step(self, batches: Iterator[dict]) -> dict[str, torch.Tensor]:
@@ -150,7 +205,7 @@ class Trainer:
         for i in range(t.grad_accum):
             batch = next(batches)
             while batch["indices"].numel() == 0:     # every pair of the batch was unreadable (skip_pair)
-                batch = next(batches)
+                batch = next(batches)                # counted in the position, so a resume skips it too
             last = i == t.grad_accum - 1 and not own_sync
             with contextlib.nullcontext() if last else acc.no_sync(self.model.unet):
                 with acc.autocast():
@@ -188,10 +243,9 @@ class Trainer:
         if self.cfg.train.mixed_precision != "fp16":   # in fp16 the grad scaler skips inf steps itself
             bad = bad + (~torch.isfinite(torch.as_tensor(grad_norm, device=self.acc.device))).float()
         if self.acc.reduce(bad, reduction="sum").item() > 0:
-            last = ckpt.checkpoints(self.out)
             raise TrainingDiverged(
                 f"non-finite loss or gradient at step {self.step + 1}; the update was not applied and nothing "
-                f"was written. Last good checkpoint: {last[-1] if last else 'none'}. Try a lower train.lr, "
+                f"was written. {divergence_advice(self.out, self.step + 1)} Try a lower train.lr, "
                 f"train.mixed_precision=bf16, or model.vae_dtype=float32.")
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -201,7 +255,8 @@ class Trainer:
         if acc.is_main_process:
             ckpt.temp_dir(target)
         acc.wait_for_everyone()
-        torch.save(ckpt.rng_state(), tmp / f"rng_{acc.process_index}.pt")
+        torch.save({**ckpt.rng_state(), "micro_batches": self.micro_batches, "skipped_pairs": self.skipped["run"]},
+                   tmp / f"rng_{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
             self._fill_checkpoint(tmp)
@@ -214,8 +269,9 @@ class Trainer:
         self.save_weights(directory)
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
         torch.save(self.lr_scheduler.state_dict(), directory / "scheduler.pt")
-        ckpt.write_state(directory, {"step": self.step, "micro_batches": self.step * self.cfg.train.grad_accum,
-                                     "num_processes": self.acc.num_processes, "config": to_dict(self.cfg)})
+        finite = all(bool(torch.isfinite(p.detach()).all()) for p in self.params)
+        ckpt.write_state(directory, {"step": self.step, "num_processes": self.acc.num_processes,
+                                     "weights_finite": finite, "config": to_dict(self.cfg)})
 
     def save_weights(self, directory: Path) -> None:
         if self.cfg.lora.enabled:
@@ -224,29 +280,65 @@ class Trainer:
             unwrap(self.model.unet).save_pretrained(directory / "unet", safe_serialization=True)
         dump_config(self.cfg, directory / "config.yaml")
 
-    def resume(self) -> None:
-        path = ckpt.resolve_resume(self.out, self.cfg.train.resume)
+    def resume(self, path: Path | None = None) -> None:
+        """Continue from a verified checkpoint (default: the one train.resume names): weights, optimizer,
+        schedule, RNG and data position."""
+        path = path or ckpt.resolve_resume(self.out, self.cfg.train.resume)
         if path is None:
             if self.cfg.train.resume:
                 log.info("train.resume=%s: no checkpoint in %s, starting from step 0", self.cfg.train.resume, self.out)
             return
+        state = ckpt.read_state(path)
+        applied = runs.check_resume(path, {**state.get("config", {}), "num_processes": state.get("num_processes")},
+                                    {**to_dict(self.cfg), "num_processes": self.acc.num_processes})
+        self.step = state["step"]
         unet = unwrap(self.model.unet)
         if self.cfg.lora.enabled:
             load_lora(unet, path)
         else:
             from diffusers import UNet2DConditionModel
 
-            unet.load_state_dict(UNet2DConditionModel.from_pretrained(path / "unet").state_dict())
+            unet.load_state_dict(UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch.float32)
+                                 .state_dict())
         self.optimizer.load_state_dict(ckpt.load_tensors(path / "optimizer.pt"))
-        self.lr_scheduler.load_state_dict(ckpt.load_tensors(path / "scheduler.pt"))
+        schedule_changed = any(change.split(":")[0] in runs.SCHEDULE for change in applied)
+        if not schedule_changed:
+            self.lr_scheduler.load_state_dict(ckpt.load_tensors(path / "scheduler.pt"))
+        if applied:
+            self.apply_optimizer_settings(schedule_changed)
+        self.restore_process_state(path)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def apply_optimizer_settings(self, schedule_changed: bool) -> None:
+        """Put the configured lr, betas, eps and weight decay into the loaded optimizer; rebuild the schedule at
+        the resumed step when its settings changed (so a longer cosine run follows the new curve)."""
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = t.weight_decay
+            if "betas" in group:
+                group.update(betas=tuple(t.adam_betas), eps=t.adam_eps)
+            if schedule_changed:
+                group["initial_lr"] = t.lr
+        if schedule_changed:
+            from diffusers.optimization import get_scheduler
+
+            self.lr_scheduler = get_scheduler(t.lr_scheduler, self.optimizer, num_warmup_steps=t.warmup_steps,
+                                              num_training_steps=t.max_steps, last_epoch=self.step - 1)
+            log.info("learning-rate schedule rebuilt at step %d: lr now %.4g", self.step,
+                     self.lr_scheduler.get_last_lr()[0])
+
+    def restore_process_state(self, path: Path) -> None:
         rng = path / f"rng_{self.acc.process_index}.pt"
-        if rng.is_file():
-            ckpt.set_rng_state(ckpt.load_tensors(rng))
-        else:
+        if not rng.is_file():
             log.warning("%s has no RNG state for process %d; noise will differ from an uninterrupted run",
                         path, self.acc.process_index)
-        self.step = ckpt.read_state(path)["step"]
-        log.info("resumed from %s at step %d", path, self.step)
+            self.micro_batches = self.step * self.cfg.train.grad_accum
+            return
+        state = ckpt.load_tensors(rng)
+        ckpt.set_rng_state(state)
+        # checkpoints written before the position was recorded: one micro-batch per accumulation step
+        self.micro_batches = int(state.get("micro_batches", self.step * self.cfg.train.grad_accum))
+        self.skipped["run"] = int(state.get("skipped_pairs", 0))
 
     # ------------------------------------------------------------------------------ in-training evaluation
     def evaluate(self) -> None:
@@ -275,11 +367,26 @@ class Trainer:
                 tracker.log_images({"eval/progress": [grid]}, step=self.step)
 
     # ------------------------------------------------------------------------------ the loop
+    def prepare_output(self, resume_from: Path | None) -> None:
+        """Refuse to mix with another run; on resume drop the metrics of the steps about to be redone."""
+        runs.remove_leftovers(self.out)
+        if resume_from is not None:
+            runs.truncate_metrics(self.out, ckpt.read_state(resume_from)["step"])
+        elif self.cfg.train.resume == "latest" and not (self.out / "final").exists():
+            runs.truncate_metrics(self.out, 0)      # the same run, killed before its first checkpoint
+        else:
+            runs.prepare_fresh(self.out, self.cfg.train.overwrite)
+        self.out.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, self.out / "config.yaml")
+
     def log_metrics(self, sums: dict[str, torch.Tensor], bar: tqdm, started: float) -> None:
         keys = sorted(sums)
         values = self.acc.reduce(torch.stack([sums[k].to(self.acc.device) for k in keys]), reduction="mean")
         metrics = dict(zip(keys, values.tolist(), strict=True))
         metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
+        if self.cfg.data.on_bad_image == "skip_pair":
+            skipped = torch.tensor(float(self.skipped["run"]), device=self.acc.device)
+            metrics["skipped_pairs"] = int(self.acc.reduce(skipped, reduction="sum").item())
         metrics["steps_per_s"] = (self.step - self._start_step) / max(time.perf_counter() - started, 1e-9)
         self.acc.log(metrics, step=self.step)
         if self.acc.is_main_process:
@@ -290,10 +397,11 @@ class Trainer:
 
     def fit(self) -> Path:
         t, acc = self.cfg.train, self.acc
+        path = ckpt.resolve_resume(self.out, t.resume)
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(self.cfg, self.out / "config.yaml")
-        self.resume()
+            self.prepare_output(path)
+        acc.wait_for_everyone()
+        self.resume(path)
         self._start_step = self.step
         acc.init_trackers(self.cfg.name, config=flat_hparams(self.cfg))
         batches = self.batches()

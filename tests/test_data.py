@@ -253,7 +253,7 @@ def make_jsonl_pairs(tmp_path: Path, n: int = 4, missing: int | None = None) -> 
 
 def test_jsonl_reads_relative_paths_winner_first(tmp_path: Path) -> None:
     ds = PreferencePairs(cfg(make_jsonl_pairs(tmp_path)))
-    assert ds.stats == {"rows": 4, "ties_dropped": 0, "pairs": 4}
+    assert ds.stats == {"rows": 4, "ties_dropped": 0, "pairs": 4, "duplicates": 0}
     item = ds[2]
     assert item["prompt"] == "p2" and near(colour_of(item["pixels"][0]), BLUE)
     assert near(colour_of(item["pixels"][1]), YELLOW)

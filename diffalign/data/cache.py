@@ -2,7 +2,8 @@
 
 Layout of ``data.cache_dir``::
 
-    manifest.json             what was cached (model, data and transform settings) and the shard list
+    manifest.json             what was cached (model, data and transform settings), a fingerprint of the
+                              source data, and every shard with its size and CRC-32 (checked on open)
     pairs-00000.safetensors   latent_mean / latent_std [N,2,C,h,w] (winner, loser), original_sizes and
                               crops [N,2,2], prompt_id [N], row [N]
     prompts-00000.safetensors one tensor per Cond field (hidden [P,L,D], pooled [P,D']); prompt 0 is ""
@@ -10,14 +11,18 @@ Layout of ``data.cache_dir``::
 The VAE distribution's mean and std are stored, not a sample, so x0 = mean + std * eps stays stochastic.
 Augmentation is frozen at cache time: each pair keeps the crop and flip drawn for epoch 0 for the whole run
 (so with a cache, ``data.hflip`` flips a fixed half of the pairs rather than re-drawing each epoch).
+Shard k holds pairs [1024 k, 1024 (k + 1)); images are read and VAE-encoded ``data.cache_batch_size`` pairs at a
+time, on the accelerator, and under a multi-process launch each process writes its own shards.
 The cache is written to a temporary folder and renamed when complete. Training refuses a cache whose
-manifest does not match the configuration and names the settings that differ.
+manifest does not match the configuration or whose source data changed (jsonl content and image files,
+parquet file sizes and times), and names what differs; a shard whose bytes changed is named when opened.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,29 +31,31 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from diffalign.checkpoint import write_atomic
+from diffalign.checkpoint import commit, crc32, temp_dir
 from diffalign.config import Config, to_dict
-from diffalign.data.pairs import PreferencePairs, collate_pairs, item_rng
+from diffalign.data.pairs import DataError, PreferencePairs, collate_pairs, item_rng, source_fingerprint
 from diffalign.models.base import DTYPES, DiffusionModel
+from diffalign.workers import Workers, launched
 
 log = logging.getLogger("diffalign")
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SHARD_PAIRS = 1024
 TRANSFORM_KEYS = ("path", "format", "split", "resolution", "crop", "hflip", "paired_transforms", "ties",
-                  "on_bad_image", "max_pairs", "cache_dtype")
+                  "on_bad_image", "null_prompt", "outside_paths", "max_pairs", "cache_dtype")
 
 
-class CacheError(ValueError):
-    """The cache is missing, incomplete or was built with other settings."""
+class CacheError(DataError):
+    """The cache is missing, incomplete, damaged or was built with other settings or other source data."""
 
 
 def cache_key(cfg: Config) -> dict[str, Any]:
     """The settings a cache depends on; any difference makes it stale."""
     model = to_dict(cfg.model)
     data = {k: getattr(cfg.data, k) for k in TRANSFORM_KEYS}
-    return {"format_version": FORMAT_VERSION, "model": model, "data": data, "seed": cfg.train.seed}
+    return {"format_version": FORMAT_VERSION, "model": model, "data": data, "seed": cfg.train.seed,
+            "text_dtype": cfg.train.mixed_precision}
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -66,11 +73,19 @@ def read_manifest(cache_dir: str | Path, cfg: Config) -> dict[str, Any]:
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise CacheError(f"data.cache_dir={cache_dir}: no {MANIFEST}; build it with `diffalign cache CONFIG`")
-    manifest = json.loads(path.read_text())
-    stale = _diff(manifest["key"], cache_key(cfg))
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise CacheError(f"{path}: not valid JSON ({err}); rebuild the cache with `diffalign cache CONFIG`") from None
+    stale = _diff(manifest.get("key", {}), cache_key(cfg))
     if stale:
         raise CacheError(f"data.cache_dir={cache_dir} is stale (built with other settings):\n  "
                          + "\n  ".join(stale) + "\nrebuild it with `diffalign cache CONFIG`")
+    changed = _diff(manifest.get("source", {}), source_fingerprint(cfg.data))
+    if changed:
+        raise CacheError(f"data.cache_dir={cache_dir} is stale: the source data changed since it was built:\n  "
+                         + "\n  ".join(c.replace("config has", "now") for c in changed)
+                         + "\nrebuild it with `diffalign cache CONFIG`")
     return manifest
 
 
@@ -79,7 +94,7 @@ def read_manifest(cache_dir: str | Path, cfg: Config) -> dict[str, Any]:
 
 def _encode_prompts(model: DiffusionModel, prompts: list[str], dtype: torch.dtype, batch: int = 64) -> dict:
     chunks: dict[str, list[torch.Tensor]] = {}
-    for lo in tqdm(range(0, len(prompts), batch), desc="prompts", leave=False):
+    for lo in tqdm(range(0, len(prompts), batch), desc="cache prompts", leave=False):
         cond = model.encode_prompt(prompts[lo: lo + batch])
         for key, value in cond.tensors().items():
             if value is not None:
@@ -92,35 +107,69 @@ def _as_pairs(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.reshape(2, n, *x.shape[1:]).transpose(0, 1).contiguous()
 
 
-def _encode_pairs(model: DiffusionModel, data: PreferencePairs, prompt_ids: dict[str, int], cfg: Config,
-                  directory: Path) -> tuple[list[dict], int]:
-    dtype = DTYPES[cfg.data.cache_dtype]
-    loader = torch.utils.data.DataLoader(data, batch_size=SHARD_PAIRS, collate_fn=collate_pairs,
+def _encode_batch(model: DiffusionModel, batch: dict, prompt_ids: dict[str, int], dtype: torch.dtype) -> dict:
+    """One DataLoader batch of pairs -> its cache tensors ([n, 2, ...] per pair)."""
+    n = len(batch["prompts"])
+    mean, std = model.encode_images(batch["pixels"]) if n else (torch.zeros(0), torch.zeros(0))
+    return {
+        "latent_mean": _as_pairs(mean.cpu(), n).to(dtype), "latent_std": _as_pairs(std.cpu(), n).to(dtype),
+        "original_sizes": _as_pairs(batch["original_sizes"], n), "crops": _as_pairs(batch["crops"], n),
+        "prompt_id": torch.tensor([prompt_ids[p] for p in batch["prompts"]], dtype=torch.long),
+        "row": batch["rows"].long(),
+    }
+
+
+def shard_ranges(num_pairs: int) -> list[range]:
+    """Shard k holds the pairs [k * SHARD_PAIRS, (k + 1) * SHARD_PAIRS): fixed, whatever the process count."""
+    return [range(lo, min(lo + SHARD_PAIRS, num_pairs)) for lo in range(0, num_pairs, SHARD_PAIRS)]
+
+
+def _encode_shards(model: DiffusionModel, data: PreferencePairs, prompt_ids: dict[str, int], cfg: Config,
+                   directory: Path, workers: Workers) -> None:
+    """Write this process's shards (k = rank, rank + world, ...), reading data.cache_batch_size pairs at a time:
+    host memory holds one shard's latents plus the loader's few prefetched batches, not a shard of pixels."""
+    mine = [(k, r) for k, r in enumerate(shard_ranges(len(data))) if k % workers.world == workers.rank]
+    step = cfg.data.cache_batch_size
+    order = [(k, list(r[lo: lo + step]), lo + step >= len(r)) for k, r in mine for lo in range(0, len(r), step)]
+    loader = torch.utils.data.DataLoader(data, batch_sampler=[idx for _, idx, _ in order], collate_fn=collate_pairs,
                                          num_workers=cfg.data.num_workers)
-    shards, skipped = [], 0
-    for k, batch in enumerate(tqdm(loader, desc="cache pairs")):
-        skipped += batch["num_skipped"]
-        mean, std = [], []
-        for lo in range(0, batch["pixels"].shape[0], 16):     # VAE in chunks of 16 images
-            m, s = model.encode_images(batch["pixels"][lo: lo + 16])
-            mean.append(m.cpu())
-            std.append(s.cpu())
-        n = len(batch["prompts"])
-        tensors = {
-            "latent_mean": _as_pairs(torch.cat(mean), n).to(dtype),
-            "latent_std": _as_pairs(torch.cat(std), n).to(dtype),
-            "original_sizes": _as_pairs(batch["original_sizes"], n), "crops": _as_pairs(batch["crops"], n),
-            "prompt_id": torch.tensor([prompt_ids[p] for p in batch["prompts"]]),
-            "row": batch["rows"].long(),
-        }
-        name = f"pairs-{k:05d}.safetensors"
-        save_file(tensors, directory / name)
-        shards.append({"file": name, "count": n})
-    return shards, skipped
+    dtype, parts = DTYPES[cfg.data.cache_dtype], []
+    bar = tqdm(total=sum(len(r) for _, r in mine), desc="cache pairs", unit="pair", disable=not workers.is_main)
+    for (k, idx, shard_done), batch in zip(order, loader, strict=True):
+        parts.append(_encode_batch(model, batch, prompt_ids, dtype))
+        bar.update(len(idx))
+        if shard_done:
+            save_file({key: torch.cat([p[key] for p in parts]) for key in parts[0]},
+                      directory / f"pairs-{k:05d}.safetensors")
+            parts = []
+    bar.close()
 
 
-def build_cache(cfg: Config, model: DiffusionModel) -> Path:
-    """Encode the configured pairs into ``cfg.data.cache_dir``; returns the folder. Up-to-date caches are kept."""
+def _shard_record(directory: Path, name: str) -> dict[str, Any]:
+    with safe_open(str(directory / name), framework="pt") as f:
+        count = f.get_slice("row").get_shape()[0] if name.startswith("pairs-") else None
+    return {"file": name, "count": count, "size": (directory / name).stat().st_size, "crc32": crc32(directory / name)}
+
+
+def _finish(model: DiffusionModel, data: PreferencePairs, prompts: list[str], cfg: Config, tmp: Path) -> None:
+    """Main process, after every shard is written: the prompt shard and the manifest (written last)."""
+    save_file(_encode_prompts(model, prompts, DTYPES[cfg.data.cache_dtype]), tmp / "prompts-00000.safetensors")
+    shards = [_shard_record(tmp, f"pairs-{k:05d}.safetensors") for k in range(len(shard_ranges(len(data))))]
+    num_pairs = sum(s["count"] for s in shards)
+    manifest = {"key": cache_key(cfg), "source": source_fingerprint(cfg.data), "num_pairs": num_pairs,
+                "pair_shards": shards, "prompt_shards": [_shard_record(tmp, "prompts-00000.safetensors")],
+                "num_prompts": len(prompts), "skipped_pairs": len(data) - num_pairs, "stats": data.stats,
+                "device": str(model.device)}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def build_cache(cfg: Config, model: DiffusionModel | None = None) -> Path:
+    """Encode the configured pairs into ``cfg.data.cache_dir``; returns the folder. Up-to-date caches are kept.
+
+    Without ``model``, only the encoders are loaded (no UNet), on this process's accelerator, the text
+    encoders in train.mixed_precision's dtype (as training loads them) and the VAE in model.vae_dtype. Under
+    ``torchrun`` / ``accelerate launch`` every process encodes its own shards; the main one writes the rest.
+    """
     cache_dir = Path(cfg.data.cache_dir or "")
     if not cfg.data.cache_dir:
         raise CacheError("data.cache_dir is not set: say where the cache goes, e.g. data.cache_dir=cache/pickapic")
@@ -134,17 +183,26 @@ def build_cache(cfg: Config, model: DiffusionModel) -> Path:
     data.set_epoch(0)
     prompts = [""] + sorted({data.prompt(i) for i in range(len(data))} - {""})
     prompt_ids = {p: i for i, p in enumerate(prompts)}
+    with launched() as workers:
+        if model is None:
+            from diffalign.models import load_model
 
-    def fill(tmp: Path) -> None:
-        shards, skipped = _encode_pairs(model, data, prompt_ids, cfg, tmp)
-        save_file(_encode_prompts(model, prompts, DTYPES[cfg.data.cache_dtype]), tmp / "prompts-00000.safetensors")
-        manifest = {"key": cache_key(cfg), "num_pairs": sum(s["count"] for s in shards), "pair_shards": shards,
-                    "prompt_shards": ["prompts-00000.safetensors"], "num_prompts": len(prompts),
-                    "skipped_pairs": skipped, "stats": data.stats}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-    write_atomic(cache_dir, fill)
-    log.info("cached %d pairs and %d prompts in %s", len(data), len(prompts), cache_dir)
+            model = load_model(cfg.model, workers.device, DTYPES[cfg.train.mixed_precision], unet=False)
+        tmp = cache_dir.with_name(f".tmp-{cache_dir.name}")
+        if workers.is_main:
+            temp_dir(cache_dir)
+        workers.barrier()
+        _encode_shards(model, data, prompt_ids, cfg, tmp, workers)
+        workers.barrier()
+        if workers.is_main:
+            try:
+                _finish(model, data, prompts, cfg, tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            commit(tmp, cache_dir)
+        workers.barrier()
+    log.info("cached %d pairs and %d prompts in %s on %s", len(data), len(prompts), cache_dir, model.device)
     return cache_dir
 
 
@@ -159,6 +217,8 @@ class CachedPairs(torch.utils.data.Dataset):
         self.manifest = read_manifest(self.dir, cfg)
         self.seed, self.epoch, self.caption_dropout = cfg.train.seed, 0, cfg.data.caption_dropout
         self.index = [(s["file"], j) for s in self.manifest["pair_shards"] for j in range(s["count"])]
+        shards = self.manifest["pair_shards"] + self.manifest["prompt_shards"]
+        self._records = {s["file"]: s for s in shards}
         if cfg.data.max_pairs is not None:
             self.index = self.index[: cfg.data.max_pairs]
         self._handles: dict[str, Any] = {}
@@ -170,8 +230,16 @@ class CachedPairs(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def _open(self, name: str) -> Any:
+        """A shard's handle, opened (in each process) only after its size and CRC-32 match the manifest."""
         if name not in self._handles:
-            self._handles[name] = safe_open(str(self.dir / name), framework="pt")
+            path, record = self.dir / name, self._records[name]
+            size = path.stat().st_size if path.is_file() else None
+            if size != record.get("size", size) or ("crc32" in record and crc32(path) != record["crc32"]):
+                found = "missing" if size is None else f"{size} bytes, CRC-32 {crc32(path):08x}"
+                raise CacheError(f"{path}: damaged cache shard ({found}; the manifest has {record.get('size')} "
+                                 f"bytes, CRC-32 {record.get('crc32', 0):08x}); rebuild the cache with "
+                                 "`diffalign cache CONFIG`")
+            self._handles[name] = safe_open(str(path), framework="pt")
         return self._handles[name]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -183,7 +251,7 @@ class CachedPairs(torch.utils.data.Dataset):
         # the same first draw as PreferencePairs, so cached and uncached runs drop the same captions
         if self.caption_dropout and item_rng(self.seed, self.epoch, row).random() < self.caption_dropout:
             prompt_id = 0
-        prompts = self._open(self.manifest["prompt_shards"][0])
+        prompts = self._open(self.manifest["prompt_shards"][0]["file"])
         item["cond"] = {k: prompts.get_slice(k)[prompt_id] for k in prompts.keys()}
         item["index"] = i
         return item

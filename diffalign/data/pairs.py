@@ -15,9 +15,11 @@ file), which every error message names. ``__getitem__`` returns the winner first
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
 import re
 import struct
 from collections.abc import Sequence
@@ -42,7 +44,23 @@ _SHARD = re.compile(r"^(?P<split>.+?)-\d+-of-\d+\.parquet$")
 
 
 class DataError(ValueError):
-    """The preference data is unusable; the message names the file, row or column at fault."""
+    """The preference data is unusable; the message names the file, row or column at fault.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process as ``DataError("Caught DataError in
+    DataLoader worker process N.\nOriginal Traceback ...")``; the constructor keeps only the original message.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(_unwrap_worker_message(str(message)))
+
+
+def _unwrap_worker_message(message: str) -> str:
+    head, sep, trace = message.partition("\nOriginal Traceback")
+    if not (sep and head.startswith("Caught ") and " in DataLoader worker process " in head):
+        return message
+    last = [line for line in trace.strip().splitlines() if line.strip()][-1]
+    original = last.split(": ", 1)[1] if ": " in last else last
+    return f"{original} (in DataLoader worker {head.rsplit(' ', 1)[-1].rstrip('.')})"
 
 
 class BadImageError(DataError):
@@ -161,11 +179,20 @@ def _load_table(cfg: DataConfig) -> Any:
     elif _looks_local(path):
         raise DataError(f"{path}: no such file or folder")
     else:
-        return datasets.load_dataset(path, split=cfg.split)
+        return _load_hub_dataset(datasets, path, cfg.split)
     files, columns = _nonempty_parquet(files)
     if not files:
         _check_shape(columns, 0, cfg)
     return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+
+
+def _load_hub_dataset(datasets: Any, name: str, split: str) -> Any:
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as err:  # noqa: BLE001 - network, auth and not-found errors all come in different types
+        raise DataError(f"data.path={name}: not a local file or folder, and the datasets hub name cannot be loaded "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Offline, give a "
+                        "local parquet file or folder, or a .jsonl file.") from None
 
 
 def _read_labels(table: Any, path: str) -> np.ndarray:
@@ -220,19 +247,44 @@ class _Pickapic:
         return winner, loser
 
 
+def _check_captions(table: Any, rows: np.ndarray, cfg: DataConfig) -> None:
+    """A null caption is an error naming its row, unless data.null_prompt = empty."""
+    if cfg.null_prompt == "empty":
+        return
+    column = table.select_columns(["caption"]).with_format("arrow")[:]["caption"]
+    nulls = np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)[rows])
+    if nulls.size:
+        raise DataError(f"{cfg.path}: row {rows[nulls[0]]}: caption is null ({nulls.size} kept row(s) have none); "
+                        "set data.null_prompt=empty to train such pairs with the empty prompt")
+
+
+def _duplicate_keys(table: Any, rows: np.ndarray) -> list[tuple] | None:
+    """(caption, image uids) per kept row when the table has Pick-a-Pic's uid columns, else None."""
+    uids = ("image_0_uid", "image_1_uid")
+    if not all(c in table.column_names for c in uids):
+        return None
+    columns = table.select_columns(["caption", *uids]).with_format("arrow")[:]
+    values = [columns[c].to_pylist() for c in ("caption", *uids)]
+    return [(values[0][r], values[1][r], values[2][r]) for r in rows.tolist()]
+
+
 def _open_pickapic(cfg: DataConfig) -> tuple[_Pickapic, dict[str, int]]:
     table = _load_table(cfg)
     _check_shape(list(table.column_names), len(table), cfg)
     rows, winner_is_0, n_ties = _select_pairs(_read_labels(table, cfg.path), cfg.path, cfg.ties)
     rows, winner_is_0 = rows[:cfg.max_pairs], winner_is_0[:cfg.max_pairs]
+    _check_captions(table, rows, cfg)
+    keys = _duplicate_keys(table, rows)
     stats = {"rows": len(table), "ties_dropped": n_ties, "pairs": int(rows.size)}
+    if keys is not None:              # without uid columns, finding repeats would mean reading every image
+        stats["duplicates"] = _count_duplicates(keys, rows, cfg.path)
     return _Pickapic(table, cfg.path, rows, winner_is_0), stats
 
 
 # -------------------------------------------------------------------------------------------------- jsonl
 
 
-def _parse_line(line: str, where: str) -> tuple[str, str, str]:
+def _parse_line(line: str, where: str, null_prompt: str = "error") -> tuple[str, str, str]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -244,7 +296,12 @@ def _parse_line(line: str, where: str) -> tuple[str, str, str]:
     if missing:
         raise DataError(f"{where}: missing key(s) {', '.join(missing)}; found keys: "
                         f"{', '.join(record) or '(none)'}")
+    if record["prompt"] is None and null_prompt == "empty":
+        record["prompt"] = ""
     for key in JSONL_KEYS:
+        if record[key] is None and key == "prompt":
+            raise DataError(f"{where}: `prompt` is null; set data.null_prompt=empty to train such pairs with the "
+                            "empty prompt")
         if not isinstance(record[key], str):
             raise DataError(f"{where}: `{key}` must be a string, got {type(record[key]).__name__}")
     return record["prompt"], record["chosen"], record["rejected"]
@@ -253,15 +310,20 @@ def _parse_line(line: str, where: str) -> tuple[str, str, str]:
 class _Jsonl:
     """Pairs listed in a jsonl file; ``rows`` are 0-based line indices (line number - 1)."""
 
-    def __init__(self, path: Path, max_pairs: int | None) -> None:
+    def __init__(self, path: Path, cfg: DataConfig) -> None:
         self.path = path
         rows: list[int] = []
         self._records: list[tuple[str, str, str]] = []
         with path.open(encoding="utf-8") as lines:
             for index, line in enumerate(lines):
                 if line.strip():
-                    self._records.append(_parse_line(line, f"{path}, line {index + 1}"))
+                    where = f"{path}, line {index + 1}"
+                    record = _parse_line(line, where, cfg.null_prompt)
+                    if not cfg.outside_paths:
+                        _check_inside(record, where)
+                    self._records.append(record)
                     rows.append(index)
+        max_pairs = cfg.max_pairs
         if not rows:
             raise DataError(f"{path}: no pairs (the file has no non-blank lines)")
         self.num_rows = len(rows)
@@ -280,12 +342,70 @@ class _Jsonl:
                 _read_image(folder / Path(rejected).expanduser(), f"{where} rejected image {rejected}"))
 
 
+def _check_inside(record: tuple[str, str, str], where: str) -> None:
+    """Refuse image paths that leave the jsonl file's folder (lexically: symlinked folders inside it are fine)."""
+    for key, value in zip(("chosen", "rejected"), record[1:], strict=True):
+        path = os.path.normpath(os.path.expanduser(value))
+        if os.path.isabs(path) or path == ".." or path.startswith(".." + os.sep):
+            raise DataError(f"{where}: `{key}` = {value!r} points outside the jsonl file's folder; move the images "
+                            "below it, or set data.outside_paths=true to allow such paths")
+
+
 def _open_jsonl(cfg: DataConfig) -> tuple[_Jsonl, dict[str, int]]:
     path = Path(cfg.path).expanduser()
     if not path.is_file():
         raise DataError(f"{cfg.path}: no such jsonl file")
-    source = _Jsonl(path, cfg.max_pairs)
-    return source, {"rows": source.num_rows, "ties_dropped": 0, "pairs": int(source.rows.size)}
+    source = _Jsonl(path, cfg)
+    stats = {"rows": source.num_rows, "ties_dropped": 0, "pairs": int(source.rows.size),
+             "duplicates": _count_duplicates(source._records, source.rows, cfg.path)}
+    return source, stats
+
+
+def _count_duplicates(keys: Sequence[Any], rows: np.ndarray, path: str) -> int:
+    """Pairs that repeat an earlier pair exactly (same prompt and images); warned about, kept."""
+    first: dict[Any, int] = {}
+    repeats = []
+    for key, row in zip(keys, rows.tolist(), strict=True):
+        if key in first:
+            repeats.append((row, first[key]))
+        else:
+            first[key] = row
+    if repeats:
+        logger.warning("%s: %d pair(s) repeat an earlier pair (first: row %d repeats row %d); they are kept and "
+                       "weigh double", path, len(repeats), *repeats[0])
+    return len(repeats)
+
+
+# ------------------------------------------------------------------------------------------------ fingerprint
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def source_fingerprint(cfg: DataConfig) -> dict[str, Any]:
+    """What the pairs are read from, for the cache to notice changed data: a jsonl file's content hash and its
+    images' sizes and times; local parquet files' sizes and times; a hub dataset only by name."""
+    path = Path(cfg.path).expanduser()
+    if resolve_format(cfg) == "jsonl" and path.is_file():
+        text = path.read_bytes()
+        images = hashlib.sha256()
+        for line in text.decode("utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                record = None
+            for key in ("chosen", "rejected"):
+                image = path.parent / str(record.get(key, "")) if isinstance(record, dict) else None
+                if image is not None and image.is_file():
+                    images.update(f"{record[key]}:{_stat(image)};".encode())
+        return {"jsonl_sha256": hashlib.sha256(text).hexdigest(), "images": images.hexdigest()}
+    if path.is_file():
+        return {"parquet": {path.name: _stat(path)}}
+    if path.is_dir():
+        return {"parquet": {f.relative_to(path).as_posix(): _stat(f) for f in _split_files(path, cfg.split)}}
+    return {"hub": cfg.path}
 
 
 # ------------------------------------------------------------------------------------------------ dataset

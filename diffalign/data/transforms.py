@@ -1,6 +1,7 @@
 """Deterministic image transforms for preference pairs.
 
-An image goes: RGB -> resize the short side to ``resolution`` (bicubic, antialiased) -> square crop
+An image goes: RGB (transparency composited on white, 16-bit greyscale scaled to 8 bits) ->
+resize the short side to ``resolution`` (bicubic, antialiased) -> square crop
 (center or random) -> optional horizontal flip -> float32 CHW tensor in [-1, 1]. Alongside the pixels we
 record what SDXL's micro-conditioning needs: the original ``(height, width)`` before the resize and the
 crop's ``(top, left)`` in the resized image.
@@ -74,6 +75,22 @@ def crop_offsets(size: tuple[int, int], resolution: int, aug: Augment) -> tuple[
     return min(int(fy * (margin_y + 1)), margin_y), min(int(fx * (margin_x + 1)), margin_x)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB: transparency is composited on white (not dropped, which would show whatever
+    colour the transparent pixels happen to hold), and 16-bit greyscale is scaled to 8 bits (not clipped)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode != "I" or values.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """uint8 RGB image -> float32 [3, H, W] in [-1, 1]."""
     array = np.array(image, dtype=np.uint8)  # a writable copy
@@ -82,13 +99,12 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 def unit_pixels(image: Image.Image) -> torch.Tensor:
     """Any PIL image -> float32 [3, H, W] in [0, 1], the reward contract."""
-    return (to_tensor(image.convert("RGB")) + 1) / 2
+    return (to_tensor(to_rgb(image)) + 1) / 2
 
 
 def transform_image(image: Image.Image, resolution: int, aug: Augment) -> Transformed:
     """Resize, crop, flip and normalise one image, recording its original size and crop."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = to_rgb(image)
     original = (image.height, image.width)
     size = resized_size(*original, resolution)
     if size != original:

@@ -25,7 +25,7 @@ from diffalign.eval.checkpoints import resolve_all
 from diffalign.eval.grid import make_grid, paginate
 from diffalign.eval.report import write_report
 from diffalign.eval.sample import BASE, open_rgb, read_metadata, sample, settings
-from diffalign.eval.workers import is_main_process
+from diffalign.workers import is_main_process
 
 Scores = dict[str, list[float]]      # reward label -> one score per metadata record
 

@@ -32,7 +32,7 @@ from diffalign.config import Config, ConfigError
 from diffalign.data.prompts import read_prompts
 from diffalign.eval.checkpoints import Checkpoint, applied, resolve_all
 from diffalign.eval.generate import generate, make_scheduler, to_uint8
-from diffalign.eval.workers import Workers, launched
+from diffalign.workers import Workers, launched
 from diffalign.models.base import DTYPES, DiffusionModel
 
 log = logging.getLogger("diffalign")

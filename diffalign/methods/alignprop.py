@@ -19,12 +19,13 @@ class AlignProp:
     name: str = opt("alignprop", "method name")
     reward: Any = opt("aesthetic", "reward to maximise: a name from diffalign.rewards, or a mapping "
                                    "{name: ..., option: value} (e.g. {name: aesthetic, mlp_checkpoint: ...})")
-    num_steps: int = opt(50, "DDIM sampler steps per trajectory")
-    grad_steps: int = opt(1, "K: only the last K sampler steps keep gradient (truncated backprop)")
+    num_steps: int = opt(50, "DDIM sampler steps per trajectory", ge=1)
+    grad_steps: int = opt(1, "K: only the last K sampler steps keep gradient (truncated backprop)",
+                         ge=1)
     random_grad_steps: bool = opt(False, "draw K ~ Uniform{1..grad_steps} once per trajectory instead of fixing "
                                          "it (the paper's randomised truncation; K = 0 would carry no gradient)")
-    guidance_scale: float = opt(7.5, "classifier-free guidance scale while sampling (1 disables it)")
-    eta: float = opt(1.0, "DDIM eta: 0 is deterministic, 1 has DDPM-like noise (the official code uses 1)")
+    guidance_scale: float = opt(7.5, "classifier-free guidance scale while sampling (1 disables it)", ge=0)
+    eta: float = opt(1.0, "DDIM eta: 0 is deterministic, 1 has DDPM-like noise (the official code uses 1)", ge=0)
     reward_target: float | None = opt(None, "if set, loss = |reward - target| (e.g. aesthetic 10) instead of "
                                             "loss = -reward")
 

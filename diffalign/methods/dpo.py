@@ -39,7 +39,7 @@ def pair_errors(model: DiffusionModel, pn: PairNoise, cond: Cond) -> tuple[Tenso
 class DiffusionDPO:
     name: str = opt("dpo", "method name")
     beta: float = opt(5000.0, "KL strength beta in the official -0.5*beta convention (5000 for SD1.5/SDXL "
-                              "in the official code; the paper's SD1.5 runs use 2000)")
+                              "in the official code; the paper's SD1.5 runs use 2000)", gt=0)
 
     needs_reference = True
     data = "pairs"

@@ -18,13 +18,13 @@ from diffalign.sampling import ddim_invert
 class DDIMInPO:
     name: str = opt("inpo", "method name")
     beta: float = opt(5000.0, "KL strength beta in the official -0.5*beta convention (published: 2000 for SD1.5, "
-                              "5000 for SDXL)")
+                              "5000 for SDXL)", gt=0)
     inversion_steps: int = opt(10, "DDIM inversion grid: moves on k*T/inversion_steps below t, then to t "
-                                   "(published: 10)")
+                                   "(published: 10)", ge=1)
     inversion_model: str = opt("policy", "UNet that inverts x0: the current policy (as published) or the frozen "
                                          "reference", choices=("policy", "reference"))
     inversion_eta: float = opt(0.1, "extra noise per inversion move, times the DDIM posterior std of the "
-                                    "interval (published: 0.1; 0 = deterministic)")
+                                    "interval (published: 0.1; 0 = deterministic)", ge=0)
 
     needs_reference = True
     data = "pairs"

@@ -16,7 +16,7 @@ from diffalign.models.base import DiffusionModel
 class MaPO:
     name: str = opt("mapo", "method name")
     beta: float = opt(0.1, "beta_mapo: weight of the log-odds margin term against the SFT term on winners "
-                           "(published SDXL recipe: 0.1)")
+                           "(published SDXL recipe: 0.1)", ge=0)
 
     needs_reference = False
     data = "pairs"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffalign.config import ModelConfig
+from diffalign.config import ConfigError, ModelConfig
 from diffalign.models.base import Cond, DiffusionModel
 from diffalign.models.sd import SDModel
 from diffalign.models.sdxl import SDXLModel
@@ -19,18 +19,20 @@ def detect_family(pretrained: str, revision: str | None = None) -> type[Diffusio
     from diffusers import DiffusionPipeline
 
     if not pretrained:
-        raise ValueError("model.pretrained is empty: give a hub id or a local diffusers pipeline folder")
+        raise ConfigError("model.pretrained is empty: give a hub id or a local diffusers pipeline folder")
     try:
         index = DiffusionPipeline.load_config(pretrained, revision=revision)
     except (OSError, ValueError) as err:
-        raise ValueError(f"model.pretrained={pretrained!r}: cannot read model_index.json ({err})") from err
+        raise ConfigError(f"model.pretrained={pretrained!r}: cannot read model_index.json ({err})") from None
     name = index.get("_class_name", "")
     if name not in FAMILIES:
-        raise ValueError(f"model.pretrained={pretrained!r}: pipeline class {name!r} is not supported; "
+        raise ConfigError(f"model.pretrained={pretrained!r}: pipeline class {name!r} is not supported; "
                          f"supported: {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> DiffusionModel:
-    return detect_family(cfg.pretrained, cfg.revision).from_pretrained(cfg, device, dtype)
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               unet: bool = True) -> DiffusionModel:
+    """The family's model on ``device``: UNet and text encoders in ``dtype``, the VAE in model.vae_dtype;
+    ``unet=False`` skips the UNet (encoders only, for the cache)."""
+    return detect_family(cfg.pretrained, cfg.revision).from_pretrained(cfg, device, dtype, unet)

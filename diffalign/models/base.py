@@ -5,9 +5,9 @@ family (SD 1.x/2.x, SDXL, ...) is a small subclass of :class:`DiffusionModel` ov
 pipeline; it overrides only how prompts become conditioning and how the UNet is called. The contract:
 
     Cond              dataclass: hidden [B,L,D]; pooled [B,P] or None; time_ids [B,6] or None; repeat(n)
-    encode_prompt     prompts -> Cond                                  (family hook)
+    encode_prompt     prompts -> Cond                                  (family hook; @outside_autocast)
     add_time_ids      Cond + original sizes + crops -> Cond            (family hook; identity for SD 1.x/2.x)
-    encode_images     pixels in [-1,1] -> (mean, std) of the scaled latent distribution
+    encode_images     pixels in [-1,1] -> (mean, std) of the scaled latent distribution (VAE in its own dtype)
     sample_latents    (mean, std) -> x0 = mean + std * eps
     decode_latents    latents -> images in [0,1], differentiable
     add_noise / target / eps_from_xt / sample_timesteps / alpha_bar   scheduler maths in fp32 (eps and v)
@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+import functools
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -38,6 +40,23 @@ from diffalign.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+log = logging.getLogger("diffalign")
+
+
+def outside_autocast(fn: Callable) -> Callable:
+    """Run an encoder (VAE, text encoders) in its own dtype even when the caller is inside autocast: the trainer
+    autocasts the denoiser only, so uncached latents equal the cached ones and an fp32 VAE stays fp32."""
+
+    @functools.wraps(fn)
+    def wrapper(self: DiffusionModel, *args: Any, **kwargs: Any) -> Any:
+        kinds = {"cpu", self.device.type}
+        with contextlib.ExitStack() as stack:
+            for kind in kinds:
+                stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+            return fn(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -103,33 +122,51 @@ class DiffusionModel:
     # ------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, cfg: ModelConfig, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> DiffusionModel:
+                        dtype: torch.dtype = torch.float32, unet: bool = True) -> DiffusionModel:
+        """Load the pipeline's parts with explicit dtypes: UNet and text encoders in ``dtype``, the VAE in
+        ``model.vae_dtype``. ``unet=False`` loads only the encoders (what ``diffalign cache`` needs)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         src = cfg.pretrained
         kw = {"revision": cfg.revision}
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", variant=cfg.variant,
-                                                    torch_dtype=dtype, **kw)
-        vae_dtype = DTYPES[cfg.vae_dtype]
-        if cfg.vae:
-            vae = AutoencoderKL.from_pretrained(cfg.vae, torch_dtype=vae_dtype)
-        else:
-            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", variant=cfg.variant,
-                                                torch_dtype=vae_dtype, **kw)
+        denoiser = None
+        if unet:
+            denoiser = UNet2DConditionModel.from_pretrained(src, subfolder="unet", variant=cfg.variant,
+                                                            torch_dtype=dtype, **kw)
+        vae = cls._load_vae(cfg, AutoencoderKL, kw)
         scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
         tokenizers, encoders = cls._load_text(src, cfg.variant, dtype, kw)
-        model = cls(unet, vae, encoders, tokenizers, scheduler, source=src)
+        model = cls(denoiser, vae, encoders, tokenizers, scheduler, source=src)
         model.to(device)
         for module in model.modules():
             module.requires_grad_(False).eval()
         return model
+
+    @staticmethod
+    def _load_vae(cfg: ModelConfig, vae_class: type, kw: dict) -> torch.nn.Module:
+        """The VAE in model.vae_dtype; a VAE whose config says ``force_upcast`` (it overflows in float16, as the
+        stock SDXL VAE does) is kept in float32 when float16 was asked for, with a warning."""
+        if cfg.vae:
+            config = vae_class.load_config(cfg.vae)
+            load = lambda dtype: vae_class.from_pretrained(cfg.vae, torch_dtype=dtype)
+        else:
+            config = vae_class.load_config(cfg.pretrained, subfolder="vae", **kw)
+            load = lambda dtype: vae_class.from_pretrained(cfg.pretrained, subfolder="vae", variant=cfg.variant,
+                                                           torch_dtype=dtype, **kw)
+        dtype = DTYPES[cfg.vae_dtype]
+        if dtype == torch.float16 and config.get("force_upcast", False):
+            log.warning("model.vae_dtype=float16, but the VAE of %s says force_upcast (it overflows in float16); "
+                        "keeping it in float32. Use an fp16-fix VAE (model.vae=madebyollin/sdxl-vae-fp16-fix) to run "
+                        "it in float16.", cfg.vae or cfg.pretrained)
+            dtype = torch.float32
+        return load(dtype)
 
     @classmethod
     def _load_text(cls, src: str, variant: str | None, dtype: torch.dtype, kw: dict) -> tuple[list, list]:
         raise NotImplementedError
 
     def modules(self) -> list[torch.nn.Module]:
-        return [self.unet, self.vae, *self.text_encoders]
+        return [m for m in (self.unet, self.vae, *self.text_encoders) if m is not None]
 
     def to(self, device: torch.device | str) -> DiffusionModel:
         for module in self.modules():
@@ -140,7 +177,7 @@ class DiffusionModel:
 
     @property
     def device(self) -> torch.device:
-        return next(unwrap(self.unet).parameters()).device
+        return next(unwrap(self.unet if self.unet is not None else self.vae).parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -164,6 +201,7 @@ class DiffusionModel:
         return self.vae.config.scaling_factor, shift
 
     @torch.no_grad()
+    @outside_autocast
     def encode_images(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         """pixels [B,3,H,W] in [-1,1] -> (mean, std) [B,C,h,w] of the scaled latent distribution, fp32."""
         scale, shift = self._vae_scale
@@ -175,6 +213,7 @@ class DiffusionModel:
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
         return mean.float() + std.float() * eps
 
+    @outside_autocast
     def decode_latents(self, latents: Tensor) -> Tensor:
         """latents [B,C,h,w] -> images [B,3,H,W] in [0,1]; differentiable (no no_grad here)."""
         scale, shift = self._vae_scale

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from diffalign.models.base import Cond, DiffusionModel
+from diffalign.models.base import Cond, DiffusionModel, outside_autocast
 
 
 def tokenize(tokenizer, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
@@ -27,6 +27,7 @@ class SDModel(DiffusionModel):
         return [tokenizer], [encoder]
 
     @torch.no_grad()
+    @outside_autocast
     def encode_prompt(self, prompts: Sequence[str]) -> Cond:
         encoder = self.text_encoders[0]
         ids = tokenize(self.tokenizers[0], prompts, encoder.device)

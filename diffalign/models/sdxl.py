@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from diffalign.models.base import Cond, DiffusionModel
+from diffalign.models.base import Cond, DiffusionModel, outside_autocast
 from diffalign.models.sd import tokenize
 
 
@@ -16,10 +16,10 @@ class SDXLModel(DiffusionModel):
     force_zeros_for_empty_prompt = True   # the pipeline's own flag (model_index.json); SDXL base sets it
 
     @classmethod
-    def from_pretrained(cls, cfg, device="cpu", dtype=torch.float32):
+    def from_pretrained(cls, cfg, device="cpu", dtype=torch.float32, unet=True):
         from diffusers import DiffusionPipeline
 
-        model = super().from_pretrained(cfg, device, dtype)
+        model = super().from_pretrained(cfg, device, dtype, unet)
         index = DiffusionPipeline.load_config(cfg.pretrained, revision=cfg.revision)
         model.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", True))
         return model
@@ -37,6 +37,7 @@ class SDXLModel(DiffusionModel):
         return tokenizers, encoders
 
     @torch.no_grad()
+    @outside_autocast
     def encode_prompt(self, prompts: Sequence[str]) -> Cond:
         hidden = []
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):

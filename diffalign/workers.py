@@ -1,4 +1,4 @@
-"""Sampling on several processes (``torchrun`` / ``accelerate launch``): who does which batch, and barriers.
+"""Work shared by the processes of a launched group (torchrun, accelerate launch): who does what, barriers.
 
 Batches are cut from the job list exactly as in a single process and dealt round-robin, so every image is
 made in the same batch as it would be alone (byte-identical PNGs at the same CPU thread count; tested), and each
