@@ -152,7 +152,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def remove_tree(path: Path) -> None:
     """Rename a folder to ``.del-<name>`` and then delete it: it stops looking like a checkpoint at once."""
     doomed = path.with_name(f".del-{path.name}")
-    shutil.rmtree(doomed, ignore_errors=True)
+    if doomed.exists():
+        shutil.rmtree(doomed)
     os.replace(path, doomed)
     shutil.rmtree(doomed)
 

@@ -75,7 +75,9 @@ class DataConfig:
     cache_dir: str | None = opt(None, "latent/text cache written by `diffalign cache`; used when set")
     cache_dtype: str = opt("float16", "dtype of cached tensors", ("float16", "float32", "bfloat16"))
     cache_batch_size: int = opt(8, "pairs read and VAE-encoded at a time by `diffalign cache` (host memory holds a "
-                                   "few such batches of pixels; shards hold 1024 pairs each)", ge=1)
+                                   "few such batches of pixels and one shard of latents)", ge=1)
+    cache_shard_pairs: int = opt(1024, "pairs per cache shard file; under a multi-process launch each process "
+                                       "writes every world-th shard", ge=1)
     num_workers: int = opt(2, "dataloader worker processes for decoding images (at most the CPU cores: more are "
                                  "clamped, with one warning)", ge=0)
 

@@ -88,3 +88,64 @@ def test_training_from_the_cache(setup):
     code = cli.main(["train", "configs/tiny_dpo_sdxl.yaml", *args, "train.max_steps=2", "data.caption_dropout=0.5"])
     assert code == 0
     assert (root / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------- real-size faults
+
+
+def read_cache(folder):
+    from safetensors.torch import load_file
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    parts = [load_file(folder / s["file"]) for s in manifest["pair_shards"]]
+    return manifest, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_cache_loads_no_unet_and_encodes_in_small_batches(setup, tmp_path, monkeypatch):
+    """Encoders only, on the process's device; shards of cache_shard_pairs filled cache_batch_size pairs at a
+    time; the tensors equal those of the one-shard cache built with the default batch."""
+    root, args = setup
+    from diffusers import UNet2DConditionModel
+
+    from diffalign.models.base import DiffusionModel
+
+    def no_unet(*a, **k):
+        raise AssertionError("the cache loaded a UNet")
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_unet)
+    images_per_call = []
+    encode = DiffusionModel.encode_images
+
+    def counting(self, pixels):
+        images_per_call.append(pixels.shape[0])
+        return encode(self, pixels)
+
+    monkeypatch.setattr(DiffusionModel, "encode_images", counting)
+    small = tmp_path / "small"
+    assert cli.main(["cache", "configs/tiny_dpo_sdxl.yaml", *args, f"data.cache_dir={small}",
+                     "data.cache_batch_size=3", "data.cache_shard_pairs=4"]) == 0
+    manifest, tensors = read_cache(small)
+    assert [s["count"] for s in manifest["pair_shards"]] == [4, 4, 2] and manifest["device"] == "cpu"
+    assert max(images_per_call) == 6                        # 3 pairs = 6 images per VAE call, never a shard
+    _, reference = read_cache(root / "cache")
+    for key in reference:
+        torch.testing.assert_close(tensors[key], reference[key], atol=1e-5, rtol=1e-4)
+
+
+def test_two_processes_write_one_cache(setup, tmp_path):
+    import subprocess
+    import sys
+
+    root, args = setup
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign.cli", "cache",
+           "configs/tiny_dpo_sdxl.yaml", *args, f"data.cache_dir={out}", "data.cache_shard_pairs=4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest, tensors = read_cache(out)
+    assert [s["count"] for s in manifest["pair_shards"]] == [4, 4, 2]
+    _, reference = read_cache(root / "cache")
+    for key in reference:
+        torch.testing.assert_close(tensors[key], reference[key], atol=1e-5, rtol=1e-4)
+    cfg = load_config("configs/tiny_dpo_sdxl.yaml", [*args, f"data.cache_dir={out}", "data.cache_shard_pairs=4"])
+    assert len(CachedPairs(cfg)) == 10

@@ -438,3 +438,55 @@ def test_invalid_settings_are_rejected(tmp_path: Path) -> None:
         PreferencePairs(cfg(path, hflip=1.5))
     with pytest.raises(DataError, match="data.path is empty"):
         PreferencePairs(DataConfig(path=""))
+
+
+# ------------------------------------------------------------------------------------------- odd but valid input
+
+
+def test_null_prompts_are_errors_in_both_formats_unless_asked_for(tmp_path: Path) -> None:
+    img = image_bytes(RED)
+    path = write_pickapic(tmp_path / "p.parquet", [("a", img, img, 1.0), (None, img, img, 0.0)])
+    with pytest.raises(DataError, match=r"row 1: caption is null"):
+        PreferencePairs(cfg(path))
+    assert PreferencePairs(cfg(path, null_prompt="empty"))[1]["prompt"] == ""
+    Image.new("RGB", (8, 8), RED).save(tmp_path / "a.png")
+    lines = [{"prompt": None, "chosen": "a.png", "rejected": "a.png"}]
+    jsonl = write_jsonl(tmp_path / "p.jsonl", lines)
+    with pytest.raises(DataError, match=r"line 1: `prompt` is null; set data.null_prompt=empty"):
+        PreferencePairs(cfg(jsonl))
+    assert PreferencePairs(cfg(jsonl, null_prompt="empty"))[0]["prompt"] == ""
+
+
+@pytest.mark.parametrize("where", ["../outside.png", "/etc/passwd", "img/../../outside.png"])
+def test_jsonl_paths_outside_the_data_folder_are_refused(tmp_path: Path, where: str) -> None:
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    Image.new("RGB", (8, 8), RED).save(tmp_path / "outside.png")
+    Image.new("RGB", (8, 8), RED).save(tmp_path / "data" / "in.png")
+    jsonl = write_jsonl(tmp_path / "data" / "p.jsonl", [{"prompt": "x", "chosen": "in.png", "rejected": where}])
+    with pytest.raises(DataError, match=r"line 1: `rejected` = .* points outside the jsonl file's folder"):
+        PreferencePairs(cfg(jsonl))
+    if where != "/etc/passwd":
+        assert PreferencePairs(cfg(jsonl, outside_paths=True))[0]["pixels"].shape == (2, 3, 8, 8)
+
+
+def test_transparency_is_composited_on_white_and_16_bit_grey_is_scaled(tmp_path: Path) -> None:
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))                 # fully transparent red
+    assert near(colour_of(T.to_tensor(T.to_rgb(rgba))), (255, 255, 255), tol=0)
+    half = Image.new("RGBA", (8, 8), (0, 0, 0, 128))                 # half-transparent black
+    assert near(colour_of(T.to_tensor(T.to_rgb(half))), (127, 127, 127), tol=1)
+    grey16 = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
+    grey16.save(tmp_path / "g.png")
+    with Image.open(tmp_path / "g.png") as opened:
+        assert opened.mode.startswith("I")
+        assert near(colour_of(T.to_tensor(T.to_rgb(opened))), (128, 128, 128), tol=1)   # not clipped to 255
+
+
+def test_duplicate_pairs_are_counted_and_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    Image.new("RGB", (8, 8), RED).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), BLUE).save(tmp_path / "b.png")
+    pair = {"prompt": "x", "chosen": "a.png", "rejected": "b.png"}
+    jsonl = write_jsonl(tmp_path / "p.jsonl", [pair, {**pair, "prompt": "y"}, pair, pair])
+    with caplog.at_level(logging.WARNING, logger="diffalign"):
+        ds = PreferencePairs(cfg(jsonl))
+    assert ds.stats["duplicates"] == 2 and len(ds) == 4
+    assert "2 pair(s) repeat an earlier pair (first: row 2 repeats row 0)" in caplog.text

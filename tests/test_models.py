@@ -109,3 +109,36 @@ def test_encode_pairs_uncached(model):
     x0, cond = model.encode_pairs(batch)
     assert x0.shape == (4, 4, 8, 8) and len(cond) == 4
     assert torch.equal(cond.hidden[:2], cond.hidden[2:])                  # winner and loser share the prompt
+
+
+@pytest.mark.parametrize("precision", [torch.bfloat16, torch.float16])
+def test_encoders_run_in_their_own_dtype_inside_autocast(model, precision):
+    """The trainer autocasts the whole loss; the VAE and text encoders must not follow it (an fp32 VAE stays
+    fp32, so uncached latents equal what `diffalign cache` stores, and SDXL's VAE never runs in fp16)."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+             for m in (model.vae.encoder.conv_in, model.vae.decoder.conv_out)]
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    try:
+        mean, std = model.encode_images(pixels)
+        hidden = model.encode_prompt(["a red circle"]).hidden
+        with torch.autocast("cpu", dtype=precision):
+            mean_ac, std_ac = model.encode_images(pixels)
+            hidden_ac = model.encode_prompt(["a red circle"]).hidden
+            images = model.decode_latents(mean_ac)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [torch.float32] * 3 and images.dtype == torch.float32
+    assert torch.equal(mean, mean_ac) and torch.equal(std, std_ac) and torch.equal(hidden, hidden_ac)
+
+
+def test_a_force_upcast_vae_is_not_loaded_in_float16(tiny_pipelines, caplog):
+    import json
+    import logging
+
+    config = json.loads((tiny_pipelines["sdxl"] / "vae" / "config.json").read_text())
+    assert config["force_upcast"] is True          # as in the SDXL base VAE's config
+    with caplog.at_level(logging.WARNING, logger="diffalign"):
+        loaded = load_model(ModelConfig(pretrained=str(tiny_pipelines["sdxl"]), vae_dtype="float16"), unet=False)
+    assert loaded.vae.dtype == torch.float32 and loaded.unet is None and "force_upcast" in caplog.text

@@ -187,11 +187,14 @@ def test_bf16_with_gradient_checkpointing_keeps_lora_in_fp32(tiny_pipelines, toy
     AcceleratorState._reset_state(True)   # earlier tests in this process fixed the precision to "no"
     cfg = load_config(None, overrides(tiny_pipelines, toy, tmp_path / "run", "sdxl", "train.max_steps=1",
                                       "train.mixed_precision=bf16", "train.gradient_checkpointing=true"))
+    seen = []
     try:
         trainer = Trainer(cfg)
+        trainer.model.vae.encoder.conv_in.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
         metrics = trainer.train_step(trainer.batches())
     finally:
         AcceleratorState._reset_state(True)   # and later tests expect "no" again
+    assert seen == [torch.float32]            # the fp32 VAE ran outside the trainer's bf16 autocast
     unet = unwrap(trainer.model.unet)
     assert unet.is_gradient_checkpointing and unet.conv_in.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.params)

@@ -11,7 +11,7 @@ Layout of ``data.cache_dir``::
 The VAE distribution's mean and std are stored, not a sample, so x0 = mean + std * eps stays stochastic.
 Augmentation is frozen at cache time: each pair keeps the crop and flip drawn for epoch 0 for the whole run
 (so with a cache, ``data.hflip`` flips a fixed half of the pairs rather than re-drawing each epoch).
-Shard k holds pairs [1024 k, 1024 (k + 1)); images are read and VAE-encoded ``data.cache_batch_size`` pairs at a
+Shard k holds pairs [S k, S (k + 1)) (S = ``data.cache_shard_pairs``, 1024); images are read and VAE-encoded ``data.cache_batch_size`` pairs at a
 time, on the accelerator, and under a multi-process launch each process writes its own shards.
 The cache is written to a temporary folder and renamed when complete. Training refuses a cache whose
 manifest does not match the configuration or whose source data changed (jsonl content and image files,
@@ -41,9 +41,8 @@ log = logging.getLogger("diffalign")
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
-SHARD_PAIRS = 1024
 TRANSFORM_KEYS = ("path", "format", "split", "resolution", "crop", "hflip", "paired_transforms", "ties",
-                  "on_bad_image", "null_prompt", "outside_paths", "max_pairs", "cache_dtype")
+                  "on_bad_image", "null_prompt", "outside_paths", "max_pairs", "cache_dtype", "cache_shard_pairs")
 
 
 class CacheError(DataError):
@@ -119,16 +118,17 @@ def _encode_batch(model: DiffusionModel, batch: dict, prompt_ids: dict[str, int]
     }
 
 
-def shard_ranges(num_pairs: int) -> list[range]:
-    """Shard k holds the pairs [k * SHARD_PAIRS, (k + 1) * SHARD_PAIRS): fixed, whatever the process count."""
-    return [range(lo, min(lo + SHARD_PAIRS, num_pairs)) for lo in range(0, num_pairs, SHARD_PAIRS)]
+def shard_ranges(num_pairs: int, size: int) -> list[range]:
+    """Shard k holds the pairs [k * size, (k + 1) * size): fixed, whatever the process count."""
+    return [range(lo, min(lo + size, num_pairs)) for lo in range(0, num_pairs, size)]
 
 
 def _encode_shards(model: DiffusionModel, data: PreferencePairs, prompt_ids: dict[str, int], cfg: Config,
                    directory: Path, workers: Workers) -> None:
     """Write this process's shards (k = rank, rank + world, ...), reading data.cache_batch_size pairs at a time:
     host memory holds one shard's latents plus the loader's few prefetched batches, not a shard of pixels."""
-    mine = [(k, r) for k, r in enumerate(shard_ranges(len(data))) if k % workers.world == workers.rank]
+    shards = shard_ranges(len(data), cfg.data.cache_shard_pairs)
+    mine = [(k, r) for k, r in enumerate(shards) if k % workers.world == workers.rank]
     step = cfg.data.cache_batch_size
     order = [(k, list(r[lo: lo + step]), lo + step >= len(r)) for k, r in mine for lo in range(0, len(r), step)]
     loader = torch.utils.data.DataLoader(data, batch_sampler=[idx for _, idx, _ in order], collate_fn=collate_pairs,
@@ -154,7 +154,8 @@ def _shard_record(directory: Path, name: str) -> dict[str, Any]:
 def _finish(model: DiffusionModel, data: PreferencePairs, prompts: list[str], cfg: Config, tmp: Path) -> None:
     """Main process, after every shard is written: the prompt shard and the manifest (written last)."""
     save_file(_encode_prompts(model, prompts, DTYPES[cfg.data.cache_dtype]), tmp / "prompts-00000.safetensors")
-    shards = [_shard_record(tmp, f"pairs-{k:05d}.safetensors") for k in range(len(shard_ranges(len(data))))]
+    count = len(shard_ranges(len(data), cfg.data.cache_shard_pairs))
+    shards = [_shard_record(tmp, f"pairs-{k:05d}.safetensors") for k in range(count)]
     num_pairs = sum(s["count"] for s in shards)
     manifest = {"key": cache_key(cfg), "source": source_fingerprint(cfg.data), "num_pairs": num_pairs,
                 "pair_shards": shards, "prompt_shards": [_shard_record(tmp, "prompts-00000.safetensors")],
