@@ -355,5 +355,9 @@ def describe_options(cls: type = Config, prefix: str = "") -> list[tuple[str, st
             help_ = f.metadata["help"]
             if f.metadata.get("choices"):
                 help_ += f" [{' | '.join(f.metadata['choices'])}]"
+            bounds = [f"{op} {f.metadata[k]:g}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="))
+                      if f.metadata.get(k) is not None]
+            if bounds:
+                help_ += f" [{', '.join(bounds)}]"
             rows.append((prefix + f.name, repr(default), help_))
     return rows

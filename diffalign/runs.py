@@ -27,7 +27,9 @@ from diffalign.config import ConfigError
 log = logging.getLogger("diffalign")
 
 METRICS = "metrics.jsonl"
-RUN_ENTRIES = ("final", METRICS, "eval")            # besides checkpoint-* (and their temporary siblings)
+RUN_ENTRIES = ("final", METRICS)            # besides checkpoint-* (and their temporary siblings)
+OVERWRITTEN = ("eval",)                      # also deleted by train.overwrite (stale progress samples are refused
+                                             # by the monitor itself, so they alone do not make a folder a run)
 
 REFUSED = ("model.pretrained", "model.vae", "model.variant", "model.revision", "method.name", "lora.enabled",
            "lora.rank", "lora.alpha", "lora.target_modules", "train.batch_size", "train.grad_accum",
@@ -48,7 +50,7 @@ class RunFolderError(ConfigError):
 
 
 def run_entries(out: Path) -> list[str]:
-    """Names in ``out`` that belong to a run: checkpoints (complete or not), final/, metrics, eval samples."""
+    """Names in ``out`` that belong to a run: checkpoints (complete or not), final/, metrics."""
     if not out.is_dir():
         return []
     return sorted(p.name for p in out.iterdir()
@@ -71,13 +73,13 @@ def prepare_fresh(out: Path, overwrite: bool) -> None:
         raise RunFolderError(
             f"output_dir={out} already holds a run ({shown}). To continue it, add train.resume=latest; to start "
             f"afresh, choose another output_dir (or name), or add train.overwrite=true to delete those files first.")
-    for name in found:
+    for name in found + [n for n in OVERWRITTEN if (out / n).exists()]:
         path = out / name
         if path.is_dir():
             ckpt.remove_tree(path)
         else:
             path.unlink()
-    log.warning("train.overwrite=true: deleted %s from %s", ", ".join(found), out)
+    log.warning("train.overwrite=true: deleted the earlier run's %s from %s", ", ".join(found), out)
 
 
 def truncate_metrics(out: Path, step: int) -> None:

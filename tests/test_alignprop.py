@@ -74,7 +74,7 @@ def test_saved_memory_does_not_grow_with_sampling_steps(lora_model, monkeypatch)
 
 
 def test_grad_steps_are_validated_and_drawn_once_in_range():
-    with pytest.raises(ConfigError, match="grad_steps = 0 must be between 1"):
+    with pytest.raises(ConfigError, match="`method.grad_steps` = 0 is out of range"):
         load_config(None, ["method.name=alignprop", "method.grad_steps=0"])
     with pytest.raises(ConfigError, match="grad_steps"):
         load_config(None, ["method.name=alignprop", "method.num_steps=4", "method.grad_steps=5"])

@@ -337,3 +337,36 @@ def test_worker_count_is_clamped_to_the_cores_with_one_warning(caplog):
         assert _worker_count(cores + 6) == cores
         assert _worker_count(0) == 0
     assert caplog.text.count("exceeds the") == 1
+
+
+def test_kill_9_at_random_points_then_resume_is_bit_identical(tiny_pipelines, toy, tmp_path):
+    """A real SIGKILL while training and writing checkpoints every step; the resumed run ends where an
+    uninterrupted one does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "diffalign.cli", "train", CONFIG, f"model.pretrained={tiny_pipelines['sd15']}",
+                f"data.path={toy}", f"output_dir={out}", *BASE, "train.max_steps=12", "train.checkpoint_every=1",
+                *extra]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(command(straight), check=True, capture_output=True, env=env, timeout=300)
+    for delay in (0.05, 0.2):              # after 3 and 7 checkpoints, plus a little: inside a step or a write
+        proc = subprocess.Popen(command(killed, "train.resume=latest"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
+        wanted, deadline = (3 if delay < 0.1 else 7), time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not (killed / f"checkpoint-{wanted}").is_dir():
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL           # killed mid-run, not finished
+        assert not (killed / "final").exists()
+    subprocess.run(command(killed, "train.resume=latest"), check=True, capture_output=True, env=env, timeout=300)
+    assert same(lora(straight / "final"), lora(killed / "final"))
+    assert steps_logged(killed) == list(range(1, 13))
+    assert not [p for p in killed.iterdir() if p.name.startswith((".tmp-", ".del-", ".old-"))]

@@ -11,8 +11,9 @@ Layout of ``data.cache_dir``::
 The VAE distribution's mean and std are stored, not a sample, so x0 = mean + std * eps stays stochastic.
 Augmentation is frozen at cache time: each pair keeps the crop and flip drawn for epoch 0 for the whole run
 (so with a cache, ``data.hflip`` flips a fixed half of the pairs rather than re-drawing each epoch).
-Shard k holds pairs [S k, S (k + 1)) (S = ``data.cache_shard_pairs``, 1024); images are read and VAE-encoded ``data.cache_batch_size`` pairs at a
-time, on the accelerator, and under a multi-process launch each process writes its own shards.
+Shard k holds pairs [S k, S (k + 1)) (S = ``data.cache_shard_pairs``, 1024); images are read and VAE-encoded
+``data.cache_batch_size`` pairs at a time, on the accelerator, and under a multi-process launch each process
+writes its own shards.
 The cache is written to a temporary folder and renamed when complete. Training refuses a cache whose
 manifest does not match the configuration or whose source data changed (jsonl content and image files,
 parquet file sizes and times), and names what differs; a shard whose bytes changed is named when opened.

@@ -32,8 +32,8 @@ from diffalign.config import Config, ConfigError
 from diffalign.data.prompts import read_prompts
 from diffalign.eval.checkpoints import Checkpoint, applied, resolve_all
 from diffalign.eval.generate import generate, make_scheduler, to_uint8
-from diffalign.workers import Workers, launched
 from diffalign.models.base import DTYPES, DiffusionModel
+from diffalign.workers import Workers, launched
 
 log = logging.getLogger("diffalign")
 METADATA = "metadata.jsonl"
