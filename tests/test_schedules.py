@@ -88,7 +88,8 @@ def test_flow_noising_targets_and_training_draws():
     theirs.set_timesteps(4)
     k = 2
     sigma, timestep = theirs.sigmas[k], theirs.timesteps[k]
-    torch.testing.assert_close(ours.add_noise(x0, noise, sigma.repeat(3)), theirs.scale_noise(x0, timestep[None], noise))
+    expected = theirs.scale_noise(x0, timestep[None], noise)
+    torch.testing.assert_close(ours.add_noise(x0, noise, sigma.repeat(3)), expected)
     v = ours.target(x0, noise, s)
     torch.testing.assert_close(ours.to_x0(v, x_t, s), x0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.to_eps(v, x_t, s), noise, atol=1e-5, rtol=1e-5)
