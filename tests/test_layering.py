@@ -25,6 +25,19 @@ def test_methods_and_losses_never_name_a_model_family():
     assert "pooled" in {n for n in identifiers(PKG / "models" / "base.py")}   # the check does see identifiers
 
 
+def test_methods_and_losses_never_do_schedule_algebra_or_name_the_network():
+    """What `grep -rnE "alpha_bar|alphas_cumprod|sigma|unet" diffalign/methods diffalign/losses.py` checks, on the
+    code's identifiers: the schedule owns the noise arithmetic and the family owns the denoiser."""
+    words = re.compile(r"alpha_bar|alphas_cumprod|sigma|unet|abar", re.IGNORECASE)
+    files = [PKG / "losses.py", *sorted((PKG / "methods").glob("*.py"))]
+    offenders = [f"{f.name}: {name}" for f in files for name in sorted(identifiers(f)) if words.search(name)]
+    assert not offenders, "schedule or network knowledge in methods/losses:\n" + "\n".join(offenders)
+    raw = [f"{f.name}:{i}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1)
+           if re.search(r"alpha_bar|alphas_cumprod|sigma|unet", line)]
+    assert not raw, raw
+    assert "alphas_cumprod" in identifiers(PKG / "models" / "schedules.py")      # the check does see them
+
+
 def test_only_the_trainer_imports_accelerate():
     users = sorted(p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py")
                    if re.search(r"^\s*(from|import) accelerate", p.read_text(), re.MULTILINE))

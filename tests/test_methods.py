@@ -9,7 +9,7 @@ from diffalign.methods.inpo import DDIMInPO
 from diffalign.models import load_model
 from diffalign.models.base import unwrap
 from diffalign.models.lora import add_lora
-from diffalign.sampling import ddim_invert, inversion_levels, sample
+from diffalign.sampling import invert, sample
 from diffalign.trainer import Trainer
 
 TINY = ["train.batch_size=2", "train.lr=1e-3", "train.log_every=1", "train.report_to=none", "train.max_steps=1",
@@ -86,25 +86,18 @@ def test_inpo_pairs_share_t_and_the_target_round_trips(family, request):
     torch.manual_seed(3)
     pn = DDIMInPO(inversion_steps=10).invert(model, x0, cond)
     assert torch.equal(pn.t[:2], pn.t[2:])
-    eps = model.eps_from_prediction(pn.target, pn.x_t, pn.t)    # the target is eps~ (or its v)
-    torch.testing.assert_close(model.add_noise(x0, eps, pn.t), pn.x_t, atol=1e-5, rtol=1e-5)
+    eps = model.schedule.to_eps(pn.target, pn.x_t, pn.t)    # the target is eps~ (or its v)
+    torch.testing.assert_close(model.schedule.add_noise(x0, eps, pn.t), pn.x_t, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(pn.x_t, x0)
-
-
-def test_inversion_levels_follow_the_grid_and_land_on_t():
-    levels = inversion_levels(torch.tensor([0, 100, 350, 999]), 10, 1000)
-    assert levels[2].tolist()[:5] == [-1, 100, 200, 300, 350]
-    assert levels[0].tolist()[:2] == [-1, 0] and levels[1].tolist()[:2] == [-1, 100]
-    assert levels[3].tolist() == [-1, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999]
-    assert (levels[:, -1] == torch.tensor([0, 100, 350, 999])).all()
 
 
 def _round_trip_error(model, x0, cond, t, num_steps):
     tt = torch.full((len(x0),), t)
-    x_t = ddim_invert(model, x0, tt, cond, num_steps, eta=0.0)
-    back = [lv for lv in reversed(inversion_levels(tt, num_steps, model.num_timesteps)[0].tolist()) if lv >= 0]
+    x_t = invert(model, x0, tt, cond, num_steps, eta=0.0)
+    path = model.schedule.inversion_levels(tt, num_steps)[0].tolist()
+    back = list(zip(reversed(path[1:]), reversed(path[:-1]), strict=True))      # the same moves, downwards
     with torch.no_grad():
-        rec = sample(model, x_t, cond, len(back), timesteps=back)
+        rec = sample(model, x_t, cond, len(back), steps=back)
     return ((rec - x0).norm() / x0.norm()).item()
 
 
@@ -132,22 +125,22 @@ def test_inversion_eta_adds_seeded_noise_and_reference_inversion_uses_the_base(s
                 p.normal_(0, 0.5)                      # a policy that differs from the reference
     x0, cond = _latents(model)
     t = torch.tensor([450, 700, 450, 700])
-    plain = ddim_invert(model, x0, t, cond, 10, eta=0.0)
-    noisy = ddim_invert(model, x0, t, cond, 10, eta=0.1, generator=torch.Generator().manual_seed(1))
-    again = ddim_invert(model, x0, t, cond, 10, eta=0.1, generator=torch.Generator().manual_seed(1))
+    plain = invert(model, x0, t, cond, 10, eta=0.0)
+    noisy = invert(model, x0, t, cond, 10, eta=0.1, generator=torch.Generator().manual_seed(1))
+    again = invert(model, x0, t, cond, 10, eta=0.1, generator=torch.Generator().manual_seed(1))
     assert torch.equal(noisy, again) and not torch.allclose(noisy, plain)
 
     for choice, context in [("policy", None), ("reference", model.reference)]:
         torch.manual_seed(5)
         pn = DDIMInPO(inversion_model=choice, inversion_eta=0.0).invert(model, x0, cond)
         if context is None:
-            expected = ddim_invert(model, x0, pn.t, cond, 10)
+            expected = invert(model, x0, pn.t, cond, 10)
         else:
             with context():
-                expected = ddim_invert(model, x0, pn.t, cond, 10)
+                expected = invert(model, x0, pn.t, cond, 10)
         torch.testing.assert_close(pn.x_t, expected)
     with model.reference():
-        base = ddim_invert(model, x0, t, cond, 10)
+        base = invert(model, x0, t, cond, 10)
     assert not torch.allclose(base, plain, atol=1e-4)
 
 

@@ -53,21 +53,20 @@ def test_time_ids_from_real_sizes_and_crops(model):
         assert out is cond
 
 
-def test_scheduler_maths_fp32_and_matches_diffusers(model):
+def test_the_schedule_is_the_pipelines(model):
+    """The family's schedule is built from the pipeline's scheduler config (details in test_schedules.py)."""
+    from diffusers import DDIMScheduler
+
     x0, _ = _batch(model)
     noise = torch.randn_like(x0)
     t = torch.tensor([0, 10, 500, 999])
-    x_t = model.add_noise(x0, noise, t)
-    assert x_t.dtype == torch.float32 and model.alphas_cumprod.dtype == torch.float32
-    torch.testing.assert_close(x_t, model.scheduler.add_noise(x0, noise, t))
-    torch.testing.assert_close(model.eps_from_xt(x_t, x0, t), noise, atol=2e-4, rtol=1e-4)
-    expected = noise if model.prediction_type == "epsilon" else model.scheduler.get_velocity(x0, noise, t)
-    torch.testing.assert_close(model.target(x0, noise, t), expected)
-
-
-def test_sample_timesteps_range(model):
-    t = model.sample_timesteps(4096)
-    assert t.min() >= 0 and t.max() <= model.num_timesteps - 1 and t.unique().numel() > 900
+    theirs = DDIMScheduler.from_pretrained(model.source, subfolder="scheduler")
+    x_t = model.schedule.add_noise(x0, noise, t)
+    assert x_t.dtype == torch.float32
+    torch.testing.assert_close(x_t, theirs.add_noise(x0, noise, t))
+    expected = noise if theirs.config.prediction_type == "epsilon" else theirs.get_velocity(x0, noise, t)
+    torch.testing.assert_close(model.schedule.target(x0, noise, t), expected)
+    assert model.schedule.prediction_type == theirs.config.prediction_type
 
 
 def test_vae_round_trip_shapes_and_gradient(model):

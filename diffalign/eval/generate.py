@@ -42,7 +42,7 @@ def _pipeline_scheduler_config(model: DiffusionModel, revision: str | None) -> d
 
         return dict(DDIMScheduler.load_config(model.source, subfolder="scheduler", revision=revision))
     except (OSError, ValueError):
-        return dict(model.scheduler.config)
+        return dict(model.schedule.config)
 
 
 def initial_noise(model: DiffusionModel, seeds: Sequence[int], size: tuple[int, int]) -> tuple[Tensor, list]:
@@ -80,7 +80,7 @@ def generate(model: DiffusionModel, scheduler: Any, prompts: Sequence[str], seed
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
         x_in = torch.cat([x_in, x_in]) if guided else x_in
-        pred = model.predict(x_in, t.expand(x_in.shape[0]).to(device), both).float()
+        pred = model.predict(x_in, model.schedule.level(t).expand(x_in.shape[0]).to(device), both).float()
         if guided:
             pred_u, pred_c = pred.chunk(2)
             pred = pred_u + guidance_scale * (pred_c - pred_u)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from diffalign.config import ConfigError, opt
 from diffalign.models.base import DiffusionModel
-from diffalign.sampling import sample
+from diffalign.sampling import guidance_on, sample
 
 
 @dataclass
@@ -31,7 +31,7 @@ class AlignProp:
 
     needs_reference = False
     data = "prompts"
-    many_grad_calls = True     # K UNet calls with gradient per backward: the trainer syncs gradients itself
+    many_grad_calls = True     # K denoiser calls with gradient per backward: the trainer syncs gradients itself
 
     def __post_init__(self) -> None:
         if not 1 <= self.grad_steps <= self.num_steps:
@@ -58,7 +58,7 @@ class AlignProp:
         """Images [B,3,H,W] in [0,1] with gradient through the last K steps and the decoder; returns (images, K)."""
         n = len(prompts)
         cond = model.sampling_cond(prompts, size)
-        uncond = model.null_cond(n, size) if self.guidance_scale != 1 else None
+        uncond = model.null_cond(n, size) if guidance_on(self.guidance_scale) else None
         latents = torch.randn(model.latent_shape(n, size), device=model.device)
         k = self.draw_grad_steps()
         x0 = sample(model, latents, cond, self.num_steps, self.guidance_scale, uncond, self.eta, grad_steps=k)

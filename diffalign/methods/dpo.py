@@ -16,17 +16,17 @@ from diffalign.models.base import Cond, DiffusionModel
 class PairNoise:
     """One draw of (t, noise) shared by the winner and loser of each pair, with x_t and the target."""
 
-    t: Tensor        # [2B], t[i] == t[i + B]
-    x_t: Tensor      # [2B, C, h, w]
-    target: Tensor   # [2B, C, h, w]
+    t: Tensor        # [2B] schedule levels, t[i] == t[i + B]
+    x_t: Tensor      # [2B, ...] latents
+    target: Tensor   # [2B, ...] what the denoiser should output
 
 
 def noise_pairs(model: DiffusionModel, x0: Tensor) -> PairNoise:
     """Forward-noise x0 = [winners; losers] with the same t and the same noise for both halves."""
-    b = x0.shape[0] // 2
-    t = model.sample_timesteps(b).repeat(2)
-    noise = torch.randn(x0[:b].shape, device=x0.device).repeat(2, 1, 1, 1)   # layout-independent draw
-    return PairNoise(t=t, x_t=model.add_noise(x0, noise, t), target=model.target(x0, noise, t))
+    b, schedule = x0.shape[0] // 2, model.schedule
+    t = schedule.sample_t(b, x0.device).repeat(2)
+    noise = torch.randn(x0[:b].shape, device=x0.device).repeat(2, *([1] * (x0.ndim - 1)))  # layout-independent draw
+    return PairNoise(t=t, x_t=schedule.add_noise(x0, noise, t), target=schedule.target(x0, noise, t))
 
 
 def pair_errors(model: DiffusionModel, pn: PairNoise, cond: Cond) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,5 @@
-"""DDIM-InPO (Lu et al., CVPR 2025): Diffusion-DPO on latents reached by DDIM inversion of the data."""
+"""DDIM-InPO (Lu et al., CVPR 2025): Diffusion-DPO on latents reached by inverting the data (DDIM inversion on
+VP models, ODE inversion of the flow on flow-matching ones)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from diffalign import losses
 from diffalign.config import opt
 from diffalign.methods.dpo import PairNoise, pair_errors
 from diffalign.models.base import Cond, DiffusionModel
-from diffalign.sampling import ddim_invert
+from diffalign.sampling import invert
 
 
 @dataclass
@@ -21,23 +22,24 @@ class DDIMInPO:
                               "5000 for SDXL)", gt=0)
     inversion_steps: int = opt(10, "DDIM inversion grid: moves on k*T/inversion_steps below t, then to t "
                                    "(published: 10)", ge=1)
-    inversion_model: str = opt("policy", "UNet that inverts x0: the current policy (as published) or the frozen "
-                                         "reference", choices=("policy", "reference"))
-    inversion_eta: float = opt(0.1, "extra noise per inversion move, times the DDIM posterior std of the "
-                                    "interval (published: 0.1; 0 = deterministic)", ge=0)
+    inversion_model: str = opt("policy", "denoiser that inverts x0: the current policy (as published) or the "
+                                         "frozen reference", choices=("policy", "reference"))
+    inversion_eta: float = opt(0.1, "extra noise per inversion move, times the schedule's noise for the "
+                                    "interval (DDIM posterior std; published: 0.1; 0 = deterministic)", ge=0)
 
     needs_reference = True
     data = "pairs"
 
     def invert(self, model: DiffusionModel, x0: Tensor, cond: Cond) -> PairNoise:
-        """x_t by DDIM inversion of [winners; losers] at a t shared within each pair; target from eps~."""
-        b = x0.shape[0] // 2
-        t = model.sample_timesteps(b).repeat(2)
+        """x_t by inverting [winners; losers] up to a t shared within each pair; the target is built from the
+        noise eps~ that maps x0 to the inverted x_t (the paper's reparameterised DPO target)."""
+        b, schedule = x0.shape[0] // 2, model.schedule
+        t = schedule.sample_t(b, x0.device).repeat(2)
         use_reference = model.reference() if self.inversion_model == "reference" else contextlib.nullcontext()
         with use_reference:
-            x_t = ddim_invert(model, x0, t, cond, self.inversion_steps, self.inversion_eta)
-        eps = model.eps_from_xt(x_t, x0, t)          # eps~ = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)
-        return PairNoise(t=t, x_t=x_t, target=model.target(x0, eps, t))
+            x_t = invert(model, x0, t, cond, self.inversion_steps, self.inversion_eta)
+        eps = schedule.noise_from_xt(x_t, x0, t)
+        return PairNoise(t=t, x_t=x_t, target=schedule.target(x0, eps, t))
 
     def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         x0, cond = model.encode_pairs(batch)

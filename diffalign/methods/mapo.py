@@ -25,4 +25,4 @@ class MaPO:
         x0, cond = model.encode_pairs(batch)
         pn = noise_pairs(model, x0)
         err_w, err_l = pair_errors(model, pn, cond)     # one UNet call on [winners; losers]; no reference
-        return losses.mapo(err_w, err_l, self.beta, num_timesteps=model.num_timesteps)
+        return losses.mapo(err_w, err_l, self.beta, num_timesteps=model.schedule.num_train_timesteps)

@@ -10,9 +10,9 @@ pipeline; it overrides only how prompts become conditioning and how the UNet is 
     encode_images     pixels in [-1,1] -> (mean, std) of the scaled latent distribution (VAE in its own dtype)
     sample_latents    (mean, std) -> x0 = mean + std * eps
     decode_latents    latents -> images in [0,1], differentiable
-    add_noise / target / eps_from_xt / sample_timesteps / alpha_bar   scheduler maths in fp32 (eps and v)
-    eps_from_prediction   UNet output (eps or v) at (x_t, t) -> eps, fp32: what samplers and inversion step with
-    predict           (x_t, t, Cond) -> UNet output                    (family hook: _unet_kwargs)
+    schedule          the family's noise schedule (models/schedules.py): every x0 / noise / x_t relation, training
+                      levels, sampler and inversion steps, in fp32; methods and the sampler use nothing else
+    predict           (x_t, level t, Cond) -> denoiser output          (family hook: _unet_kwargs)
     reference()       context: predict() uses the reference (adapters disabled, or the frozen copy), no grad,
                       restored in `finally`
     sampling_cond     prompts + image size -> Cond for generating whole (uncropped) images
@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from diffalign.config import ModelConfig
+from diffalign.models.schedules import FlowSchedule, VPSchedule, schedule_for
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -104,20 +105,15 @@ class DiffusionModel:
     pipeline_class_name: ClassVar[str]   # the diffusers pipeline this family wraps
 
     def __init__(self, unet: torch.nn.Module, vae: torch.nn.Module, text_encoders: list, tokenizers: list,
-                 scheduler: Any, source: str = "") -> None:
+                 schedule: VPSchedule | FlowSchedule, source: str = "") -> None:
         self.unet = unet
         self.vae = vae
         self.text_encoders = text_encoders
         self.tokenizers = tokenizers
-        self.scheduler = scheduler
+        self.schedule = schedule
         self.source = source
         self.ref_unet: torch.nn.Module | None = None   # frozen copy for full fine-tuning; None with LoRA
         self._active: torch.nn.Module | None = None      # set inside reference()
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
-        self.num_timesteps: int = scheduler.config.num_train_timesteps
-        self.prediction_type: str = scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"{source}: prediction_type {self.prediction_type!r} is not supported")
 
     # ------------------------------------------------------------------------------- loading
     @classmethod
@@ -134,9 +130,12 @@ class DiffusionModel:
             denoiser = UNet2DConditionModel.from_pretrained(src, subfolder="unet", variant=cfg.variant,
                                                             torch_dtype=dtype, **kw)
         vae = cls._load_vae(cfg, AutoencoderKL, kw)
-        scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+        try:
+            schedule = schedule_for(dict(DDPMScheduler.load_config(src, subfolder="scheduler", **kw)))
+        except ValueError as err:
+            raise ValueError(f"{src}: {err}") from None
         tokenizers, encoders = cls._load_text(src, cfg.variant, dtype, kw)
-        model = cls(denoiser, vae, encoders, tokenizers, scheduler, source=src)
+        model = cls(denoiser, vae, encoders, tokenizers, schedule, source=src)
         model.to(device)
         for module in model.modules():
             module.requires_grad_(False).eval()
@@ -220,44 +219,13 @@ class DiffusionModel:
         images = self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    # ------------------------------------------------------------------------------- scheduler maths (fp32)
-    def alpha_bar(self, t: Tensor, ndim: int = 4) -> Tensor:
-        """abar_t as fp32, shaped [B,1,1,1] to broadcast against latents."""
-        abar = self.alphas_cumprod.to(t.device)[t.long()]
-        return abar.view(-1, *([1] * (ndim - 1)))
-
-    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=self.device)
-
-    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        abar = self.alpha_bar(t, x0.ndim)
-        return abar.sqrt() * x0.float() + (1 - abar).sqrt() * noise.float()
-
-    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """What the UNet is trained to output: eps, or v = sqrt(abar) eps - sqrt(1-abar) x0."""
-        if self.prediction_type == "epsilon":
-            return noise.float()
-        abar = self.alpha_bar(t, x0.ndim)
-        return abar.sqrt() * noise.float() - (1 - abar).sqrt() * x0.float()
-
-    def eps_from_xt(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
-        """eps~ = (x_t - sqrt(abar) x0) / sqrt(1 - abar): the noise that maps x0 to x_t."""
-        abar = self.alpha_bar(t, x0.ndim)
-        return (x_t.float() - abar.sqrt() * x0.float()) / (1 - abar).sqrt()
-
-    def eps_from_prediction(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """The eps a UNet output stands for: itself, or sqrt(abar) v + sqrt(1-abar) x_t for v-prediction."""
-        if self.prediction_type == "epsilon":
-            return pred.float()
-        abar = self.alpha_bar(t, x_t.ndim)
-        return abar.sqrt() * pred.float() + (1 - abar).sqrt() * x_t.float()
-
     # ------------------------------------------------------------------------------- UNet
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        """UNet output for x_t at timesteps t [B]; the reference model inside reference()."""
+        """Denoiser output for x_t at schedule levels t [B]; the reference model inside reference()."""
         unet = self._active if self._active is not None else self.unet
         cond = cond.to(x_t.device, self.dtype)
-        return unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.hidden, return_dict=False,
+        timestep = self.schedule.timestep(t).to(x_t.device)
+        return unet(x_t.to(self.dtype), timestep, encoder_hidden_states=cond.hidden, return_dict=False,
                     **self._unet_kwargs(cond))[0]
 
     @contextlib.contextmanager

@@ -17,7 +17,7 @@ The contract (both classes):
     target(x0, noise, t)             what the denoiser is trained to output
     noise_from_xt(x_t, x0, t)        the noise that maps x0 to x_t (InPO's target after inversion)
     to_x0 / to_eps(pred, x_t, t)     a prediction as a clean latent / as noise
-    timestep(t)                      the scheduler's timestep value for a level (what diffusers pipelines pass)
+    timestep(t) / level(timestep)    a level as the diffusers scheduler's timestep value, and back
     sampling_steps(num_steps, ...)   the sampler's (t, t_next) pairs, from the diffusers scheduler's own
                                      set_timesteps, so the grid and the last step are the pipeline's
     step(pred, x, t, t_next, eta, noise)          one sampler move (stochastic when eta > 0)
@@ -105,7 +105,12 @@ class VPSchedule:
         return a.sqrt() * x_t.float() - (1 - a).sqrt() * pred.float()
 
     def timestep(self, t: Tensor) -> Tensor:
-        return torch.as_tensor(t).long()
+        """The integer timestep; the clean level -1 is shown to the denoiser as 0, the closest it knows."""
+        return torch.as_tensor(t).long().clamp(min=0)
+
+    def level(self, timestep: Tensor) -> Tensor:
+        """The level of a diffusers scheduler timestep (the inverse of ``timestep``)."""
+        return torch.as_tensor(timestep).long()
 
     # ------------------------------------------------------------------------- sampling
     def sampling_steps(self, num_steps: int, image_seq_len: int | None = None) -> list[tuple[int, int]]:
@@ -127,7 +132,7 @@ class VPSchedule:
 
     def _step_parts(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
         t, t_next = torch.as_tensor(t, device=x.device), torch.as_tensor(t_next, device=x.device)
-        eps, x0_hat = self.to_eps(pred, x, t), self.to_x0(pred, x, t)
+        eps, x0_hat = self.to_eps(pred, x, self.timestep(t)), self.to_x0(pred, x, t)   # pred was made at timestep(t)
         std = eta * self.posterior_std(t, t_next, x.ndim).to(x.device)
         return self._move(eps, x0_hat, self.abar(t_next, x.ndim).to(x.device), std), std
 
@@ -207,6 +212,9 @@ class FlowSchedule:
 
     def timestep(self, t: Tensor) -> Tensor:
         return torch.as_tensor(t).float() * self.num_train_timesteps
+
+    def level(self, timestep: Tensor) -> Tensor:
+        return torch.as_tensor(timestep).float() / self.num_train_timesteps
 
     # ------------------------------------------------------------------------- sampling
     def mu(self, image_seq_len: int) -> float:
