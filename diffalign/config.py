@@ -107,7 +107,7 @@ class TrainConfig:
     adam_eps: float = opt(1e-8, "AdamW epsilon", gt=0)
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null disables clipping", gt=0)
     mixed_precision: str = opt("no", "autocast precision; frozen weights are stored in it", ("no", "fp16", "bf16"))
-    gradient_checkpointing: bool = opt(False, "recompute UNet activations in backward")
+    gradient_checkpointing: bool = opt(False, "recompute denoiser activations in backward")
     seed: int = opt(0, "global seed: data order, noise, timesteps", ge=0)
     checkpoint_every: int = opt(500, "write a checkpoint every N steps (0 = only the final weights)", ge=0)
     keep_last: int = opt(3, "checkpoints kept on disk (older ones are deleted)", ge=1)

@@ -49,17 +49,17 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
 
 
 def make_trainable(model: DiffusionModel, cfg: Config, needs_reference: bool) -> list[torch.nn.Parameter]:
-    """LoRA adapters (reference = adapters disabled) or the whole UNet (reference = a frozen copy)."""
+    """LoRA adapters (reference = adapters disabled) or the whole denoiser (reference = a frozen copy)."""
     if cfg.lora.enabled:
-        params = add_lora(model.unet, cfg.lora)
+        params = add_lora(model.denoiser, cfg.lora)
     else:
         if needs_reference:
-            model.ref_unet = copy.deepcopy(model.unet).requires_grad_(False).eval()
-        model.unet.to(torch.float32).requires_grad_(True)
-        params = list(model.unet.parameters())
+            model.ref_denoiser = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
+        model.denoiser.to(torch.float32).requires_grad_(True)
+        params = list(model.denoiser.parameters())
     if cfg.train.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-    model.unet.train()
+        model.denoiser.enable_gradient_checkpointing()
+    model.denoiser.train()
     return params
 
 
@@ -151,7 +151,7 @@ class Trainer:
 
         self.lr_scheduler = get_scheduler(t.lr_scheduler, self.optimizer, num_warmup_steps=t.warmup_steps,
                                           num_training_steps=t.max_steps)
-        self.model.unet, self.optimizer = self.acc.prepare(self.model.unet, self.optimizer)
+        self.model.denoiser, self.optimizer = self.acc.prepare(self.model.denoiser, self.optimizer)
         self.step = 0
         self.micro_batches = 0        # micro-batches this process has drawn, whole skipped ones included
         self.skipped = {"epoch": -1, "pairs": 0, "run": 0}
@@ -207,7 +207,7 @@ class Trainer:
             while batch["indices"].numel() == 0:     # every pair of the batch was unreadable (skip_pair)
                 batch = next(batches)                # counted in the position, so a resume skips it too
             last = i == t.grad_accum - 1 and not own_sync
-            with contextlib.nullcontext() if last else acc.no_sync(self.model.unet):
+            with contextlib.nullcontext() if last else acc.no_sync(self.model.denoiser):
                 with acc.autocast():
                     loss, metrics = self.method.loss(self.model, batch)
                 acc.backward(loss / t.grad_accum)
@@ -225,9 +225,9 @@ class Trainer:
         return sums
 
     def average_gradients(self) -> None:
-        """All-reduce gradients by hand, for methods that call the UNet with gradient several times per backward.
+        """All-reduce gradients by hand, for methods that call the denoiser with gradient several times per backward.
 
-        DDP's reducer expects one forward per backward (and a checkpointed UNet re-runs its forward inside
+        DDP's reducer expects one forward per backward (and a checkpointed denoiser re-runs its forward inside
         backward), so such methods run every micro-batch under no_sync and their gradients are averaged here.
         """
         if self.acc.num_processes == 1:
@@ -277,7 +277,8 @@ class Trainer:
         if self.cfg.lora.enabled:
             save_lora(self.model, directory)
         else:
-            unwrap(self.model.unet).save_pretrained(directory / "unet", safe_serialization=True)
+            unwrap(self.model.denoiser).save_pretrained(directory / self.model.denoiser_folder,
+                                                        safe_serialization=True)
         dump_config(self.cfg, directory / "config.yaml")
 
     def resume(self, path: Path | None = None) -> None:
@@ -292,14 +293,11 @@ class Trainer:
         applied = runs.check_resume(path, {**state.get("config", {}), "num_processes": state.get("num_processes")},
                                     {**to_dict(self.cfg), "num_processes": self.acc.num_processes})
         self.step = state["step"]
-        unet = unwrap(self.model.unet)
         if self.cfg.lora.enabled:
-            load_lora(unet, path)
+            load_lora(self.model, path)
         else:
-            from diffusers import UNet2DConditionModel
-
-            unet.load_state_dict(UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch.float32)
-                                 .state_dict())
+            saved = self.model.load_denoiser(path / self.model.denoiser_folder, torch.float32)
+            unwrap(self.model.denoiser).load_state_dict(saved.state_dict())
         self.optimizer.load_state_dict(ckpt.load_tensors(path / "optimizer.pt"))
         schedule_changed = any(change.split(":")[0] in runs.SCHEDULE for change in applied)
         if not schedule_changed:
@@ -344,16 +342,16 @@ class Trainer:
     def evaluate(self) -> None:
         """Sample the eval prompts with the current weights on the main process; log the progress grid."""
         if self.progress_grid is not None:
-            wrapped = self.model.unet
-            unet = unwrap(wrapped)
-            self.model.unet = unet          # no DDP hooks: the other processes are not sampling
-            unet.eval()
+            wrapped = self.model.denoiser
+            denoiser = unwrap(wrapped)
+            self.model.denoiser = denoiser      # no DDP hooks: the other processes are not sampling
+            denoiser.eval()
             try:
                 with torch.no_grad(), self.acc.autocast():
                     grid = self.progress_grid(self.step)
             finally:
-                self.model.unet = wrapped
-                unet.train()
+                self.model.denoiser = wrapped
+                denoiser.train()
             self.log_grid(grid)
         self.acc.wait_for_everyone()
 

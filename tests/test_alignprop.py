@@ -18,7 +18,7 @@ from diffalign.rewards import build_reward
 @pytest.fixture(scope="module")
 def lora_model(tiny_pipelines):
     model = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd15"])))
-    params = add_lora(model.unet, LoraConfig(rank=4))
+    params = add_lora(model.denoiser, LoraConfig(rank=4))
     return model, params
 
 
@@ -138,7 +138,7 @@ trainer = Trainer(cfg)
 batches = trainer.batches()
 for _ in range(2):
     trainer.train_step(batches)
-lora = {k: v.contiguous() for k, v in unwrap(trainer.model.unet).state_dict().items() if "lora" in k}
+lora = {k: v.contiguous() for k, v in unwrap(trainer.model.denoiser).state_dict().items() if "lora" in k}
 save_file(lora, f"{out}/rank{trainer.acc.process_index}_of_{trainer.acc.num_processes}.safetensors")
 """
 

@@ -37,7 +37,7 @@ def test_cached_and_uncached_give_the_same_loss(setup):
     _, args = setup
     cfg = load_config("configs/tiny_dpo_sdxl.yaml", args)
     model = load_model(cfg.model)
-    params = add_lora(model.unet, cfg.lora)
+    params = add_lora(model.denoiser, cfg.lora)
     with torch.no_grad():
         for p in params:
             p.add_(0.02 * torch.randn_like(p))

@@ -32,7 +32,7 @@ def checkpoints(tiny_pipelines, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     model = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd15"])))
     gen = torch.Generator().manual_seed(0)
-    params = add_lora(model.unet, LoraConfig(rank=4))
+    params = add_lora(model.denoiser, LoraConfig(rank=4))
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
@@ -42,11 +42,11 @@ def checkpoints(tiny_pipelines, tmp_path_factory):
         json.dumps({"step": s, "loss": 0.7 - 0.01 * s, "implicit_accuracy": 0.5}) + "\n" for s in (1, 2, 3)))
     full = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd15"])))
     with torch.no_grad():
-        for p in full.unet.parameters():
+        for p in full.denoiser.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    full.unet.save_pretrained(root / "ft" / "unet")
-    full.unet.save_pretrained(root / "ft_sharded", max_shard_size="200KB")   # as a 10 GB SDXL UNet is saved
-    return {"lora": root / "run_lora", "unet": root / "ft", "sharded": root / "ft_sharded"}
+    full.denoiser.save_pretrained(root / "ft" / "unet")
+    full.denoiser.save_pretrained(root / "ft_sharded", max_shard_size="200KB")   # as a 10 GB SDXL UNet is saved
+    return {"lora": root / "run_lora", "full": root / "ft", "sharded": root / "ft_sharded"}
 
 
 @pytest.mark.parametrize(("family", "scheduler", "negative", "guidance"),
@@ -144,7 +144,7 @@ def test_sample_cli_same_seed_gives_identical_base_images_and_full_metadata(tiny
     assert np.asarray(seeds[0]).shape == (32, 32, 3) and seeds[0].tobytes() != seeds[7].tobytes()
 
 
-@pytest.mark.parametrize("kind", ["lora", "unet"])
+@pytest.mark.parametrize("kind", ["lora", "full"])
 def test_a_checkpoint_is_applied_inside_the_block_and_removed_after(kind, tiny_pipelines, checkpoints):
     model = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd15"])))
     sched = make_scheduler(model, "ddim")
@@ -159,7 +159,7 @@ def test_a_checkpoint_is_applied_inside_the_block_and_removed_after(kind, tiny_p
         tuned = images()
     assert (tuned - before).abs().max() > 1e-3
     torch.testing.assert_close(images(), before, atol=0, rtol=0)
-    if kind == "unet":                  # the same weights saved in shards (with an index) load alike
+    if kind == "full":                  # the same weights saved in shards (with an index) load alike
         sharded = resolve(str(checkpoints["sharded"]), "eval.checkpoints[0]")
         assert len(sharded.weights) > 2 and sharded.fingerprint()["files"].keys() != ckpt.fingerprint()["files"].keys()
         with applied(model, sharded):
@@ -183,10 +183,10 @@ def test_lora_files_with_bare_keys_load_and_foreign_keys_are_an_error(tiny_pipel
         torch.testing.assert_close(generate(model, sched, ["a red circle"], [0], (32, 32), 3, 5.0), prefixed,
                                    atol=0, rtol=0)
     for name in ("text", "junk"):                                    # never a silent run of the base model
-        with pytest.raises(ConfigError, match="match no UNet layer"):
+        with pytest.raises(ConfigError, match="match no layer of the UNet2DConditionModel"):
             with applied(model, resolve(str(tmp_path / name), "c")):
                 pass
-        assert not getattr(model.unet, "peft_config", {})
+        assert not getattr(model.denoiser, "peft_config", {})
 
 
 def test_labels_that_would_share_a_samples_folder_are_refused(tmp_path):
@@ -228,7 +228,7 @@ def test_samples_are_reused_until_settings_or_weights_change(tiny_pipelines, che
 
 def test_eval_cli_writes_results_grids_and_a_valid_report(tiny_pipelines, checkpoints, tmp_path, capsys):
     out = tmp_path / "eval"
-    entries = f"[{checkpoints['lora']}, {{name: full <ft>, path: {checkpoints['unet']}}}]"
+    entries = f"[{checkpoints['lora']}, {{name: full <ft>, path: {checkpoints['full']}}}]"
     assert cli.main(["eval", "configs/tiny_dpo_sd15.yaml",
                      *sample_args(tiny_pipelines["sd15"], out, f"eval.checkpoints={entries}")]) == 0
     assert "run_lora/final" in capsys.readouterr().out

@@ -31,7 +31,7 @@ def make_trainer(tiny_pipelines, toy, out, method, *extra, family="sdxl"):
 def count_unet_calls(trainer):
     """Rows fed to every UNet in the model (policy, and the frozen copy if any), call by call."""
     calls = []
-    for unet in (unwrap(trainer.model.unet), trainer.model.ref_unet):
+    for unet in (unwrap(trainer.model.denoiser), trainer.model.ref_denoiser):
         if unet is not None:
             unet.register_forward_pre_hook(lambda m, args, kw: calls.append(kw.get("sample", args[0] if args else None)
                                                                              .shape[0]), with_kwargs=True)
@@ -46,7 +46,7 @@ def test_unet_calls_per_step(tiny_pipelines, toy, tmp_path, lora):
     assert count_unet_calls(dpo) == [4, 4]                  # 2 pairs -> 4 rows, twice
 
     mapo = make_trainer(tiny_pipelines, toy, tmp_path / "mapo", "mapo", f"lora.enabled={lora}")
-    assert mapo.model.ref_unet is None
+    assert mapo.model.ref_denoiser is None
 
     def no_reference():
         raise AssertionError("MaPO entered the reference model")
@@ -117,10 +117,10 @@ def test_inversion_eta_adds_seeded_noise_and_reference_inversion_uses_the_base(s
     import copy
 
     model = copy.copy(sd15)
-    model.unet = copy.deepcopy(sd15.unet)
-    add_lora(model.unet, LoraConfig(rank=4))
+    model.denoiser = copy.deepcopy(sd15.denoiser)
+    add_lora(model.denoiser, LoraConfig(rank=4))
     with torch.no_grad():
-        for name, p in model.unet.named_parameters():
+        for name, p in model.denoiser.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)                      # a policy that differs from the reference
     x0, cond = _latents(model)

@@ -35,7 +35,7 @@ def test_family_detected_from_model_index(tiny_pipelines):
 def test_prompt_conditioning_matches_unet(model):
     cond = model.encode_prompt(["a cat", "a dog", ""])
     assert cond.hidden.shape[:2] == (3, 77)
-    assert cond.hidden.shape[2] == model.unet.config.cross_attention_dim
+    assert cond.hidden.shape[2] == model.denoiser.config.cross_attention_dim
     if isinstance(model, SDXLModel):
         assert cond.pooled.shape == (3, model.text_encoders[1].config.projection_dim)
     else:
@@ -87,7 +87,7 @@ def test_reference_disables_adapters_and_restores_them(tiny_pipelines):
     x0, cond = _batch(model)
     t = torch.full((4,), 300)
     base_out = model.predict(x0, t, cond)
-    params = add_lora(model.unet, LoraConfig(rank=4))
+    params = add_lora(model.denoiser, LoraConfig(rank=4))
     with torch.no_grad():
         for p in params:
             p.add_(0.05 * torch.randn_like(p))
@@ -139,5 +139,5 @@ def test_a_force_upcast_vae_is_not_loaded_in_float16(tiny_pipelines, caplog):
     config = json.loads((tiny_pipelines["sdxl"] / "vae" / "config.json").read_text())
     assert config["force_upcast"] is True          # as in the SDXL base VAE's config
     with caplog.at_level(logging.WARNING, logger="diffalign"):
-        loaded = load_model(ModelConfig(pretrained=str(tiny_pipelines["sdxl"]), vae_dtype="float16"), unet=False)
-    assert loaded.vae.dtype == torch.float32 and loaded.unet is None and "force_upcast" in caplog.text
+        loaded = load_model(ModelConfig(pretrained=str(tiny_pipelines["sdxl"]), vae_dtype="float16"), denoiser=False)
+    assert loaded.vae.dtype == torch.float32 and loaded.denoiser is None and "force_upcast" in caplog.text

@@ -54,7 +54,7 @@ def test_cli_train_writes_a_lora_that_diffusers_loads(family, tiny_pipelines, to
     trainer.resume()
     from diffalign.models.lora import load_lora
 
-    load_lora(unwrap(trainer.model.unet), out / "final")
+    load_lora(trainer.model, out / "final")
     x_t, t, cond = unet_inputs(trainer.model)
     with torch.no_grad():
         policy = trainer.model.predict(x_t, t, cond)
@@ -75,11 +75,11 @@ def test_one_step_changes_only_lora_parameters(tiny_pipelines, toy, tmp_path):
     cfg = load_config(None, overrides(tiny_pipelines, toy, tmp_path / "run", "sdxl", "train.max_steps=1"))
     trainer = Trainer(cfg)
     model = trainer.model
-    before = {f"unet.{k}": v.clone() for k, v in unwrap(model.unet).state_dict().items()}
+    before = {f"unet.{k}": v.clone() for k, v in unwrap(model.denoiser).state_dict().items()}
     for i, module in enumerate([model.vae, *model.text_encoders]):
         before.update({f"m{i}.{k}": v.clone() for k, v in module.state_dict().items()})
     trainer.train_step(trainer.batches())
-    after = {f"unet.{k}": v for k, v in unwrap(model.unet).state_dict().items()}
+    after = {f"unet.{k}": v for k, v in unwrap(model.denoiser).state_dict().items()}
     for i, module in enumerate([model.vae, *model.text_encoders]):
         after.update({f"m{i}.{k}": v for k, v in module.state_dict().items()})
     lora = [k for k in before if "lora_" in k]
@@ -134,11 +134,11 @@ def test_full_fine_tuning_uses_a_frozen_reference_copy(tiny_pipelines, toy, tmp_
     cfg = load_config(None, overrides(tiny_pipelines, toy, out, "sd15", "lora.enabled=false", "train.max_steps=1",
                                       "train.lr=1e-4"))
     trainer = Trainer(cfg)
-    ref_before = {k: v.clone() for k, v in trainer.model.ref_unet.state_dict().items()}
+    ref_before = {k: v.clone() for k, v in trainer.model.ref_denoiser.state_dict().items()}
     trainer.fit()
-    ref_after = trainer.model.ref_unet.state_dict()
+    ref_after = trainer.model.ref_denoiser.state_dict()
     assert all(torch.equal(ref_before[k], ref_after[k]) for k in ref_before)
-    policy = unwrap(trainer.model.unet).state_dict()
+    policy = unwrap(trainer.model.denoiser).state_dict()
     assert any(not torch.equal(policy[k], ref_after[k]) for k in ref_after)
     assert (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
@@ -195,7 +195,7 @@ def test_bf16_with_gradient_checkpointing_keeps_lora_in_fp32(tiny_pipelines, toy
     finally:
         AcceleratorState._reset_state(True)   # and later tests expect "no" again
     assert seen == [torch.float32]            # the fp32 VAE ran outside the trainer's bf16 autocast
-    unet = unwrap(trainer.model.unet)
+    unet = unwrap(trainer.model.denoiser)
     assert unet.is_gradient_checkpointing and unet.conv_in.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.params)
     assert torch.isfinite(metrics["loss"]) and torch.isfinite(metrics["grad_norm"])

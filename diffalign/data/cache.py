@@ -168,7 +168,7 @@ def _finish(model: DiffusionModel, data: PreferencePairs, prompts: list[str], cf
 def build_cache(cfg: Config, model: DiffusionModel | None = None) -> Path:
     """Encode the configured pairs into ``cfg.data.cache_dir``; returns the folder. Up-to-date caches are kept.
 
-    Without ``model``, only the encoders are loaded (no UNet), on this process's accelerator, the text
+    Without ``model``, only the encoders are loaded (no denoiser), on this process's accelerator, the text
     encoders in train.mixed_precision's dtype (as training loads them) and the VAE in model.vae_dtype. Under
     ``torchrun`` / ``accelerate launch`` every process encodes its own shards; the main one writes the rest.
     """
@@ -189,7 +189,7 @@ def build_cache(cfg: Config, model: DiffusionModel | None = None) -> Path:
         if model is None:
             from diffalign.models import load_model
 
-            model = load_model(cfg.model, workers.device, DTYPES[cfg.train.mixed_precision], unet=False)
+            model = load_model(cfg.model, workers.device, DTYPES[cfg.train.mixed_precision], denoiser=False)
         tmp = cache_dir.with_name(f".tmp-{cache_dir.name}")
         if workers.is_main:
             temp_dir(cache_dir)

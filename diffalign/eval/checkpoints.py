@@ -1,7 +1,8 @@
 """What to compare with the base model: finding trained weights on disk and applying them to a loaded model.
 
 A checkpoint is either a LoRA (``pytorch_lora_weights.safetensors``, loaded as a peft adapter and removed
-afterwards) or a full UNet in the diffusers format (swapped in and back). Run folders resolve to their ``final/``.
+afterwards) or a fully fine-tuned denoiser in the diffusers format (``unet/`` or ``transformer/``, swapped in and
+back). Run folders resolve to their ``final/``.
 """
 
 from __future__ import annotations
@@ -19,20 +20,21 @@ from diffalign.config import ConfigError
 from diffalign.models.base import DiffusionModel, unwrap
 from diffalign.models.lora import WEIGHTS_NAME
 
-UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                "diffusion_pytorch_model.safetensors.index.json")    # full SDXL UNets in fp32 are saved sharded
+DENOISER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                    "diffusion_pytorch_model.safetensors.index.json")   # a full SDXL UNet in fp32 is sharded
+DENOISER_FOLDERS = ("unet", "transformer")                                  # as the families save them
 ADAPTER = "diffalign_eval"
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     label: str          # the column name in grids and tables
-    path: Path          # the LoRA folder, or the UNet folder
-    kind: str           # "lora" or "unet"
+    path: Path          # the LoRA folder, or the denoiser folder
+    kind: str           # "lora" or "full"
 
     @property
     def weights(self) -> list[Path]:
-        """The weight files (a LoRA file, or every UNet shard and index)."""
+        """The weight files (a LoRA file, or every denoiser shard and index)."""
         if self.kind == "lora":
             return [self.path / WEIGHTS_NAME]
         return sorted(p for p in self.path.iterdir() if p.name.startswith("diffusion_pytorch_model"))
@@ -58,17 +60,17 @@ def resolve(entry: Any, key: str) -> Checkpoint:
         folder = folder / "final"
     kind, weights_dir = _kind(folder)
     if kind is None:
-        raise ConfigError(f"`{key}` = {entry}: no weights found; expected {WEIGHTS_NAME} (LoRA), unet/ (full "
-                          f"fine-tuning) or a diffusers UNet folder, or a run folder with final/")
+        raise ConfigError(f"`{key}` = {entry}: no weights found; expected {WEIGHTS_NAME} (LoRA), unet/ or "
+                          f"transformer/ (full fine-tuning), a diffusers model folder, or a run folder with final/")
     return Checkpoint(label=str(label) if label else default_label(folder), path=weights_dir, kind=kind)
 
 
 def _kind(folder: Path) -> tuple[str | None, Path]:
     if (folder / WEIGHTS_NAME).is_file():
         return "lora", folder
-    for unet_dir in (folder / "unet", folder):
-        if (unet_dir / "config.json").is_file() and any((unet_dir / n).is_file() for n in UNET_WEIGHTS):
-            return "unet", unet_dir
+    for weights_dir in (*(folder / name for name in DENOISER_FOLDERS), folder):
+        if (weights_dir / "config.json").is_file() and any((weights_dir / n).is_file() for n in DENOISER_WEIGHTS):
+            return "full", weights_dir
     return None, folder
 
 
@@ -94,52 +96,48 @@ def resolve_all(entries: list, run_dir: str | Path) -> list[Checkpoint]:
     return found
 
 
-def load_adapter(unet: torch.nn.Module, ckpt: Checkpoint) -> None:
-    """Load the LoRA file as the active adapter; a file whose keys match no UNet layer is an error, not a no-op."""
+def load_adapter(model: DiffusionModel, ckpt: Checkpoint) -> None:
+    """Load the LoRA file as the denoiser's active adapter; keys that match no layer are an error, not a no-op."""
     from safetensors import safe_open
 
+    denoiser, family = unwrap(model.denoiser), model.lora_prefix
     with safe_open(str(ckpt.path / WEIGHTS_NAME), framework="pt") as f:
         keys = list(f.keys())
-    prefix = "unet" if any(k.startswith("unet.") for k in keys) else None   # diffusers pipeline or bare UNet keys
-    mismatch = ConfigError(f"{ckpt.path / WEIGHTS_NAME}: its {len(keys)} keys (e.g. {keys[:2]}) match no UNet "
-                           "layer; expected diffusers LoRA keys such as unet.down_blocks.0...lora_A.weight")
+    prefix = family if any(k.startswith(family + ".") for k in keys) else None   # pipeline file, or bare keys
+    mismatch = ConfigError(f"{ckpt.path / WEIGHTS_NAME}: its {len(keys)} keys (e.g. {keys[:2]}) match no layer of "
+                           f"the {model.denoiser_class_name}; expected diffusers LoRA keys starting {family}.")
     try:
-        unet.load_lora_adapter(str(ckpt.path), prefix=prefix, adapter_name=ADAPTER, weight_name=WEIGHTS_NAME,
-                               local_files_only=True)
+        denoiser.load_lora_adapter(str(ckpt.path), prefix=prefix, adapter_name=ADAPTER, weight_name=WEIGHTS_NAME,
+                                   local_files_only=True)
     except (IndexError, KeyError, ValueError) as err:     # diffusers' ways of failing on foreign keys
         raise mismatch from err
-    if not any(ADAPTER in getattr(m, "lora_A", {}) for m in unet.modules()):   # loaded nothing: not a silent no-op
-        if ADAPTER in getattr(unet, "peft_config", {}):
-            unet.delete_adapters(ADAPTER)
+    if not any(ADAPTER in getattr(m, "lora_A", {}) for m in denoiser.modules()):   # loaded nothing: not a no-op
+        if ADAPTER in getattr(denoiser, "peft_config", {}):
+            denoiser.delete_adapters(ADAPTER)
         raise mismatch
-    unet.set_adapters([ADAPTER])
+    denoiser.set_adapters([ADAPTER])
 
 
 @contextlib.contextmanager
 def applied(model: DiffusionModel, ckpt: Checkpoint | None) -> Iterator[None]:
-    """Inside the block the model's UNet carries the checkpoint's weights; the base UNet is restored after."""
+    """Inside the block the model's denoiser carries the checkpoint's weights; the base one is restored after."""
     if ckpt is None:
         yield
         return
-    unet = unwrap(model.unet)
     if ckpt.kind == "lora":
-        load_adapter(unet, ckpt)
+        load_adapter(model, ckpt)
         try:
             yield
         finally:
-            unet.delete_adapters(ADAPTER)
+            unwrap(model.denoiser).delete_adapters(ADAPTER)
         return
-    from diffusers import UNet2DConditionModel
-
-    fp16_only = not (ckpt.path / UNET_WEIGHTS[0]).is_file() and (ckpt.path / UNET_WEIGHTS[1]).is_file()
-    tuned = UNet2DConditionModel.from_pretrained(ckpt.path, torch_dtype=model.dtype,
-                                                 variant="fp16" if fp16_only else None).to(model.device)
+    tuned = model.load_denoiser(ckpt.path).to(model.device)
     tuned.requires_grad_(False).eval()
-    base, model.unet = model.unet, tuned
+    base, model.denoiser = model.denoiser, tuned
     try:
         yield
     finally:
-        model.unet = base
+        model.denoiser = base
         del tuned
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

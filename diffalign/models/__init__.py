@@ -32,7 +32,7 @@ def detect_family(pretrained: str, revision: str | None = None) -> type[Diffusio
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               unet: bool = True) -> DiffusionModel:
-    """The family's model on ``device``: UNet and text encoders in ``dtype``, the VAE in model.vae_dtype;
-    ``unet=False`` skips the UNet (encoders only, for the cache)."""
-    return detect_family(cfg.pretrained, cfg.revision).from_pretrained(cfg, device, dtype, unet)
+               denoiser: bool = True) -> DiffusionModel:
+    """The family's model on ``device``: denoiser and text encoders in ``dtype``, the VAE in model.vae_dtype;
+    ``denoiser=False`` skips the denoiser (encoders only, for the cache)."""
+    return detect_family(cfg.pretrained, cfg.revision).from_pretrained(cfg, device, dtype, denoiser)

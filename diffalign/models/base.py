@@ -2,7 +2,8 @@
 
 Every method in diffalign operates on ``(x0, cond, t, x_t, target, prediction)`` in latent space. A model
 family (SD 1.x/2.x, SDXL, ...) is a small subclass of :class:`DiffusionModel` over the components of a diffusers
-pipeline; it overrides only how prompts become conditioning and how the UNet is called. The contract:
+pipeline; it overrides only how prompts become conditioning and how its denoiser (a UNet today, a transformer
+for the flow-matching families) is called. The contract:
 
     Cond              dataclass: hidden [B,L,D]; pooled [B,P] or None; time_ids [B,6] or None; repeat(n)
     encode_prompt     prompts -> Cond                                  (family hook; @outside_autocast)
@@ -12,13 +13,16 @@ pipeline; it overrides only how prompts become conditioning and how the UNet is 
     decode_latents    latents -> images in [0,1], differentiable
     schedule          the family's noise schedule (models/schedules.py): every x0 / noise / x_t relation, training
                       levels, sampler and inversion steps, in fp32; methods and the sampler use nothing else
-    predict           (x_t, level t, Cond) -> denoiser output          (family hook: _unet_kwargs)
+    predict           (x_t, level t, Cond) -> denoiser output          (family hook: _denoiser_kwargs)
     reference()       context: predict() uses the reference (adapters disabled, or the frozen copy), no grad,
                       restored in `finally`
     sampling_cond     prompts + image size -> Cond for generating whole (uncropped) images
     null_cond         n + image size -> the unconditional Cond classifier-free guidance pairs it with
     latent_shape      n + image size -> the shape of the initial noise to generate from
     encode_pairs      a preference batch (pixels or cached latents) -> (x0 [2B,...], Cond [2B])
+    denoiser, ref_denoiser    the trained network and, for full fine-tuning, its frozen copy
+    weights on disk   denoiser_folder ("unet"), lora_prefix ("unet"), denoiser_class(), load_denoiser(folder),
+                      save_lora_file(directory, layers, metadata) through the pipeline's save_lora_weights
 
 Adding to this list is an API change.
 """
@@ -31,6 +35,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -100,42 +105,45 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class DiffusionModel:
-    """Shared maths and plumbing over a diffusers UNet, VAE, text encoders and training scheduler."""
+    """Shared plumbing over a diffusers pipeline's denoiser, VAE, text encoders and noise schedule."""
 
     pipeline_class_name: ClassVar[str]   # the diffusers pipeline this family wraps
+    denoiser_class_name: ClassVar[str] = "UNet2DConditionModel"   # the network; saved in and loaded from
+    denoiser_folder: ClassVar[str] = "unet"                         # this pipeline subfolder, and LoRA keys
+    lora_prefix: ClassVar[str] = "unet"                             # start with this prefix
 
-    def __init__(self, unet: torch.nn.Module, vae: torch.nn.Module, text_encoders: list, tokenizers: list,
+    def __init__(self, denoiser: torch.nn.Module | None, vae: torch.nn.Module, text_encoders: list, tokenizers: list,
                  schedule: VPSchedule | FlowSchedule, source: str = "") -> None:
-        self.unet = unet
+        self.denoiser = denoiser
         self.vae = vae
         self.text_encoders = text_encoders
         self.tokenizers = tokenizers
         self.schedule = schedule
         self.source = source
-        self.ref_unet: torch.nn.Module | None = None   # frozen copy for full fine-tuning; None with LoRA
+        self.ref_denoiser: torch.nn.Module | None = None   # frozen copy for full fine-tuning; None with LoRA
         self._active: torch.nn.Module | None = None      # set inside reference()
 
     # ------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, cfg: ModelConfig, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32, unet: bool = True) -> DiffusionModel:
-        """Load the pipeline's parts with explicit dtypes: UNet and text encoders in ``dtype``, the VAE in
-        ``model.vae_dtype``. ``unet=False`` loads only the encoders (what ``diffalign cache`` needs)."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+                        dtype: torch.dtype = torch.float32, denoiser: bool = True) -> DiffusionModel:
+        """Load the pipeline's parts with explicit dtypes: denoiser and text encoders in ``dtype``, the VAE in
+        ``model.vae_dtype``. ``denoiser=False`` loads only the encoders (what ``diffalign cache`` needs)."""
+        from diffusers import AutoencoderKL, DDPMScheduler
 
         src = cfg.pretrained
         kw = {"revision": cfg.revision}
-        denoiser = None
-        if unet:
-            denoiser = UNet2DConditionModel.from_pretrained(src, subfolder="unet", variant=cfg.variant,
-                                                            torch_dtype=dtype, **kw)
+        network = None
+        if denoiser:
+            network = cls.denoiser_class().from_pretrained(src, subfolder=cls.denoiser_folder, variant=cfg.variant,
+                                                           torch_dtype=dtype, **kw)
         vae = cls._load_vae(cfg, AutoencoderKL, kw)
         try:
             schedule = schedule_for(dict(DDPMScheduler.load_config(src, subfolder="scheduler", **kw)))
         except ValueError as err:
             raise ValueError(f"{src}: {err}") from None
         tokenizers, encoders = cls._load_text(src, cfg.variant, dtype, kw)
-        model = cls(denoiser, vae, encoders, tokenizers, schedule, source=src)
+        model = cls(network, vae, encoders, tokenizers, schedule, source=src)
         model.to(device)
         for module in model.modules():
             module.requires_grad_(False).eval()
@@ -165,22 +173,23 @@ class DiffusionModel:
         raise NotImplementedError
 
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.unet, self.vae, *self.text_encoders) if m is not None]
+        return [m for m in (self.denoiser, self.vae, *self.text_encoders) if m is not None]
 
     def to(self, device: torch.device | str) -> DiffusionModel:
         for module in self.modules():
             module.to(device)
-        if self.ref_unet is not None:
-            self.ref_unet.to(device)
+        if self.ref_denoiser is not None:
+            self.ref_denoiser.to(device)
         return self
 
     @property
     def device(self) -> torch.device:
-        return next(unwrap(self.unet if self.unet is not None else self.vae).parameters()).device
+        return next(unwrap(self.denoiser if self.denoiser is not None else self.vae).parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return unwrap(self.unet).conv_in.weight.dtype
+        """The denoiser's own weights' dtype (LoRA adapters, kept in fp32, do not count)."""
+        return next(p.dtype for n, p in unwrap(self.denoiser).named_parameters() if "lora_" not in n)
 
     # ------------------------------------------------------------------------------- family hooks
     def encode_prompt(self, prompts: Sequence[str]) -> Cond:
@@ -190,7 +199,7 @@ class DiffusionModel:
                      target_size: tuple[int, int] | None = None) -> Cond:
         return cond
 
-    def _unet_kwargs(self, cond: Cond) -> dict[str, Any]:
+    def _denoiser_kwargs(self, cond: Cond) -> dict[str, Any]:
         return {}
 
     # ------------------------------------------------------------------------------- VAE
@@ -219,22 +228,22 @@ class DiffusionModel:
         images = self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    # ------------------------------------------------------------------------------- UNet
+    # ------------------------------------------------------------------------------- denoiser
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Denoiser output for x_t at schedule levels t [B]; the reference model inside reference()."""
-        unet = self._active if self._active is not None else self.unet
+        network = self._active if self._active is not None else self.denoiser
         cond = cond.to(x_t.device, self.dtype)
         timestep = self.schedule.timestep(t).to(x_t.device)
-        return unet(x_t.to(self.dtype), timestep, encoder_hidden_states=cond.hidden, return_dict=False,
-                    **self._unet_kwargs(cond))[0]
+        return network(x_t.to(self.dtype), timestep, encoder_hidden_states=cond.hidden, return_dict=False,
+                       **self._denoiser_kwargs(cond))[0]
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """Inside this block predict() runs the reference model without gradient. Always restored."""
-        base = unwrap(self.unet)
+        base = unwrap(self.denoiser)
         with torch.no_grad():
-            if self.ref_unet is not None:
-                self._active = self.ref_unet
+            if self.ref_denoiser is not None:
+                self._active = self.ref_denoiser
                 try:
                     yield
                 finally:
@@ -278,13 +287,37 @@ class DiffusionModel:
 
     def latent_shape(self, n: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
         f = self.latent_factor
-        return n, unwrap(self.unet).config.in_channels, size[0] // f, size[1] // f
+        return n, unwrap(self.denoiser).config.in_channels, size[0] // f, size[1] // f
 
     @property
     def latent_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def pipeline_class(self) -> type:
+    # ------------------------------------------------------------------------------- weights on disk
+    @classmethod
+    def pipeline_class(cls) -> type:
         import diffusers
 
-        return getattr(diffusers, self.pipeline_class_name)
+        return getattr(diffusers, cls.pipeline_class_name)
+
+    @classmethod
+    def denoiser_class(cls) -> type:
+        import diffusers
+
+        return getattr(diffusers, cls.denoiser_class_name)
+
+    def load_denoiser(self, folder: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """A fully fine-tuned denoiser saved by ``save_pretrained`` (fp32, or fp16-only files), in ``dtype``."""
+        folder = Path(folder)
+        fp16_only = not any(folder.glob("diffusion_pytorch_model.safetensors*")) and \
+            (folder / "diffusion_pytorch_model.fp16.safetensors").is_file()
+        return self.denoiser_class().from_pretrained(folder, torch_dtype=dtype or self.dtype,
+                                                     variant="fp16" if fp16_only else None)
+
+    def save_lora_file(self, directory: str | Path, layers: dict[str, Tensor], metadata: dict) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` through the pipeline's own ``save_lora_weights``, so the keys
+        carry the family's prefix and diffusers, ComfyUI and A1111 loaders read it as that pipeline's LoRA."""
+        prefix = self.lora_prefix
+        self.pipeline_class().save_lora_weights(str(directory), safe_serialization=True,
+                                                **{f"{prefix}_lora_layers": layers,
+                                                   f"{prefix}_lora_adapter_metadata": metadata})

@@ -16,10 +16,10 @@ class SDXLModel(DiffusionModel):
     force_zeros_for_empty_prompt = True   # the pipeline's own flag (model_index.json); SDXL base sets it
 
     @classmethod
-    def from_pretrained(cls, cfg, device="cpu", dtype=torch.float32, unet=True):
+    def from_pretrained(cls, cfg, device="cpu", dtype=torch.float32, denoiser=True):
         from diffusers import DiffusionPipeline
 
-        model = super().from_pretrained(cfg, device, dtype, unet)
+        model = super().from_pretrained(cfg, device, dtype, denoiser)
         index = DiffusionPipeline.load_config(cfg.pretrained, revision=cfg.revision)
         model.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", True))
         return model
@@ -54,7 +54,7 @@ class SDXLModel(DiffusionModel):
         time_ids = torch.cat([original_sizes.reshape(n, 2).cpu(), crops.reshape(n, 2).cpu(), target], dim=1)
         return Cond(hidden=cond.hidden, pooled=cond.pooled, time_ids=time_ids.to(cond.hidden.device).float())
 
-    def _unet_kwargs(self, cond: Cond) -> dict:
+    def _denoiser_kwargs(self, cond: Cond) -> dict:
         return {"added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": cond.time_ids}}
 
     def null_cond(self, n: int, size: tuple[int, int]) -> Cond:
