@@ -11,6 +11,7 @@ unpickling); weights are safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import random
 import re
 import shutil
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +141,24 @@ def write_atomic(target: str | Path, fill: Callable[[Path], None]) -> Path:
     return commit(tmp, target)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a file through a temporary sibling and a rename: readers see the old file or the new one."""
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """The one way a file is written in place: the block writes the temporary sibling it is given, which then
+    replaces ``path`` by a rename (readers see the old file or the new one), or is removed if the block fails."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
-    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def remove_tree(path: Path) -> None:

@@ -19,19 +19,11 @@ from typing import Any
 
 import yaml
 
+from diffalign.methods import method_config_class
+from diffalign.options import ConfigError, opt
 
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key at fault."""
-
-
-def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, *,  # noqa: A002
-        ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
-    """A dataclass field with a default, a help text, optional allowed values and an optional numeric range
-    (``ge``: at least, ``gt``: above, ``le``: at most), checked when a config is loaded."""
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+__all__ = ["Config", "ConfigError", "DataConfig", "EvalConfig", "LoraConfig", "ModelConfig", "TrainConfig",
+           "apply_override", "build_config", "describe_options", "dump_config", "load_config", "opt", "to_dict"]
 
 
 @dataclass
@@ -237,8 +229,6 @@ def apply_override(raw: dict, item: str) -> None:
 
 
 def build_config(raw: dict, source: str = "<dict>") -> Config:
-    from diffalign.methods import method_config_class  # late import: methods import config
-
     raw = dict(raw)
     method_raw = dict(raw.pop("method", None) or {})
     cfg = _build(Config, raw, source, "")

@@ -8,16 +8,16 @@ also records both scores and whether the label was flipped.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from diffalign.checkpoint import replacing
 from diffalign.config import DataConfig
 from diffalign.data.pairs import PreferencePairs
-from diffalign.data.transforms import unit_pixels
+from diffalign.data.transforms import to_rgb, unit_pixels
 
 
 @torch.no_grad()
@@ -30,9 +30,8 @@ def relabel(data: DataConfig, reward: Any, out: str | Path, margin: float = 0.0,
     pairs = PreferencePairs(data, caption_dropout=0.0)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    tmp = out / ".pairs.jsonl.tmp"
     counts = {"pairs": 0, "flipped": 0, "skipped": 0}
-    with tmp.open("w", encoding="utf-8") as f:
+    with replacing(out / "pairs.jsonl") as tmp, tmp.open("w", encoding="utf-8") as f:
         for i in tqdm(range(len(pairs)), desc="relabel"):
             images = pairs.pair_images(i)
             if images is None:
@@ -43,12 +42,11 @@ def relabel(data: DataConfig, reward: Any, out: str | Path, margin: float = 0.0,
             flip = scores[1] > scores[0] + margin
             names = [f"images/{row}_{k}.png" for k in ("a", "b")]
             for image, name in zip(images, names, strict=True):
-                image.convert("RGB").save(out / name)
+                to_rgb(image).save(out / name)
             chosen, rejected = (1, 0) if flip else (0, 1)
             f.write(json.dumps({"prompt": prompt, "chosen": names[chosen], "rejected": names[rejected],
                                 "score_chosen": scores[chosen], "score_rejected": scores[rejected],
                                 "flipped": flip, "source_row": row}) + "\n")
             counts["pairs"] += 1
             counts["flipped"] += int(flip)
-    os.replace(tmp, out / "pairs.jsonl")
     return counts

@@ -27,8 +27,9 @@ from diffalign.data import open_training_data
 from diffalign.data.pairs import DataError
 from diffalign.data.sampler import EpochBatches
 from diffalign.models import load_model
-from diffalign.models.base import DTYPES, DiffusionModel, unwrap
+from diffalign.models.base import DiffusionModel, unwrap
 from diffalign.models.lora import add_lora, load_lora, save_lora
+from diffalign.options import parse_dtype
 
 log = logging.getLogger("diffalign")
 
@@ -140,9 +141,9 @@ class Trainer:
         set_seed(t.seed, device_specific=True)
         self.method = cfg.method
         runs.check_output_dir(self.out)
-        self.model = load_model(cfg.model, self.acc.device, DTYPES[t.mixed_precision])
+        self.model = load_model(cfg.model, self.acc.device, parse_dtype(t.mixed_precision))
         _check_resolution(cfg, self.model.latent_factor)
-        self.params = make_trainable(self.model, cfg, getattr(self.method, "needs_reference", False))
+        self.params = make_trainable(self.model, cfg, self.method.needs_reference)
         self.data = open_training_data(cfg, self.model)
         if hasattr(self.data, "repeat_to"):          # a short prompt list still fills a global batch
             self.data.repeat_to(t.batch_size * self.acc.num_processes)
@@ -201,7 +202,7 @@ class Trainer:
     def train_step(self, batches: Iterator[dict]) -> dict[str, torch.Tensor]:
         t, acc = self.cfg.train, self.acc
         sums: dict[str, torch.Tensor] = {}
-        own_sync = getattr(self.method, "many_grad_calls", False)
+        own_sync = self.method.many_grad_calls
         for i in range(t.grad_accum):
             batch = next(batches)
             while batch["indices"].numel() == 0:     # every pair of the batch was unreadable (skip_pair)

@@ -11,7 +11,7 @@ def open_training_data(cfg: Any, model: Any = None) -> Any:
 
     Every dataset has ``__len__``, ``set_epoch(epoch)`` and ``collate(items)``.
     """
-    if getattr(cfg.method, "data", "pairs") == "prompts":
+    if cfg.method.data == "prompts":
         from diffalign.data.prompts import PromptDataset
 
         return PromptDataset(cfg.data.prompts, cfg.data.resolution)

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from diffalign.checkpoint import commit, crc32, temp_dir
 from diffalign.config import Config, to_dict
 from diffalign.data.pairs import DataError, PreferencePairs, collate_pairs, item_rng, source_fingerprint
-from diffalign.models.base import DTYPES, DiffusionModel
+from diffalign.models.base import DiffusionModel
+from diffalign.options import parse_dtype
 from diffalign.workers import Workers, launched
 
 log = logging.getLogger("diffalign")
@@ -134,7 +135,7 @@ def _encode_shards(model: DiffusionModel, data: PreferencePairs, prompt_ids: dic
     order = [(k, list(r[lo: lo + step]), lo + step >= len(r)) for k, r in mine for lo in range(0, len(r), step)]
     loader = torch.utils.data.DataLoader(data, batch_sampler=[idx for _, idx, _ in order], collate_fn=collate_pairs,
                                          num_workers=cfg.data.num_workers)
-    dtype, parts = DTYPES[cfg.data.cache_dtype], []
+    dtype, parts = parse_dtype(cfg.data.cache_dtype), []
     bar = tqdm(total=sum(len(r) for _, r in mine), desc="cache pairs", unit="pair", disable=not workers.is_main)
     for (k, idx, shard_done), batch in zip(order, loader, strict=True):
         parts.append(_encode_batch(model, batch, prompt_ids, dtype))
@@ -154,7 +155,7 @@ def _shard_record(directory: Path, name: str) -> dict[str, Any]:
 
 def _finish(model: DiffusionModel, data: PreferencePairs, prompts: list[str], cfg: Config, tmp: Path) -> None:
     """Main process, after every shard is written: the prompt shard and the manifest (written last)."""
-    save_file(_encode_prompts(model, prompts, DTYPES[cfg.data.cache_dtype]), tmp / "prompts-00000.safetensors")
+    save_file(_encode_prompts(model, prompts, parse_dtype(cfg.data.cache_dtype)), tmp / "prompts-00000.safetensors")
     count = len(shard_ranges(len(data), cfg.data.cache_shard_pairs))
     shards = [_shard_record(tmp, f"pairs-{k:05d}.safetensors") for k in range(count)]
     num_pairs = sum(s["count"] for s in shards)
@@ -189,7 +190,7 @@ def build_cache(cfg: Config, model: DiffusionModel | None = None) -> Path:
         if model is None:
             from diffalign.models import load_model
 
-            model = load_model(cfg.model, workers.device, DTYPES[cfg.train.mixed_precision], denoiser=False)
+            model = load_model(cfg.model, workers.device, parse_dtype(cfg.train.mixed_precision), denoiser=False)
         tmp = cache_dir.with_name(f".tmp-{cache_dir.name}")
         if workers.is_main:
             temp_dir(cache_dir)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from diffalign.checkpoint import write_text_atomic
+from diffalign.checkpoint import replacing, write_text_atomic
 from diffalign.config import Config
 from diffalign.eval.generate import to_uint8
 from diffalign.eval.grid import make_grid
@@ -50,9 +50,8 @@ class ProgressGrid:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()             # hand the sampling memory back to training
         grid = self.progress(step)
-        tmp = self.folder / ".tmp-progress.png"
-        grid.save(tmp, format="PNG")
-        tmp.replace(self.folder / "progress.png")
+        with replacing(self.folder / "progress.png") as tmp:
+            grid.save(tmp, format="PNG")
         return grid
 
     def progress(self, step: int) -> Image.Image:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -27,12 +26,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffalign.checkpoint import write_text_atomic
+from diffalign.checkpoint import replacing, write_text_atomic
 from diffalign.config import Config, ConfigError
 from diffalign.data.prompts import read_prompts
 from diffalign.eval.checkpoints import Checkpoint, applied, resolve_all
 from diffalign.eval.generate import generate, make_scheduler, to_uint8
-from diffalign.models.base import DTYPES, DiffusionModel
+from diffalign.models.base import DiffusionModel
+from diffalign.options import parse_dtype
 from diffalign.workers import Workers, launched
 
 log = logging.getLogger("diffalign")
@@ -58,7 +58,7 @@ def image_size(cfg: Config) -> tuple[int, int]:
 def sampling_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.float16 if torch.cuda.is_available() else torch.float32
-    return DTYPES[name]
+    return parse_dtype(name)
 
 
 def settings(cfg: Config) -> dict[str, Any]:
@@ -88,9 +88,8 @@ def slug(label: str) -> str:
 
 
 def save_png(array: Any, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    Image.fromarray(array.numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        Image.fromarray(array.numpy()).save(tmp, format="PNG")
 
 
 def open_rgb(path: Path) -> Image.Image:

@@ -1,16 +1,15 @@
-"""Alignment methods. Each is a config dataclass whose ``loss(model, batch)`` returns ``(loss, metrics)``.
+"""Alignment methods: config dataclasses following the protocol in ``methods/base.py``.
 
-A method sees only the model contract (``diffalign.models.base``) and batches already in latent space; it
-never names a model family. ``METHODS`` maps ``method.name`` to its class.
+``METHODS`` maps ``method.name`` to its class.
 """
 
 from __future__ import annotations
 
-from diffalign.config import ConfigError
 from diffalign.methods.alignprop import AlignProp
 from diffalign.methods.dpo import DiffusionDPO
 from diffalign.methods.inpo import DDIMInPO
 from diffalign.methods.mapo import MaPO
+from diffalign.options import ConfigError
 
 METHODS: dict[str, type] = {
     "dpo": DiffusionDPO,

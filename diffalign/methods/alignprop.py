@@ -9,13 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffalign.config import ConfigError, opt
+from diffalign.methods.base import Method
 from diffalign.models.base import DiffusionModel
+from diffalign.options import ConfigError, opt
 from diffalign.sampling import guidance_on, sample
 
 
 @dataclass
-class AlignProp:
+class AlignProp(Method):
     name: str = opt("alignprop", "method name")
     reward: Any = opt("aesthetic", "reward to maximise: a name from diffalign.rewards, or a mapping "
                                    "{name: ..., option: value} (e.g. {name: aesthetic, mlp_checkpoint: ...})")

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from diffalign import losses
-from diffalign.config import opt
+from diffalign.methods.base import Method
 from diffalign.models.base import Cond, DiffusionModel
+from diffalign.options import opt
 
 
 @dataclass
@@ -36,7 +37,7 @@ def pair_errors(model: DiffusionModel, pn: PairNoise, cond: Cond) -> tuple[Tenso
 
 
 @dataclass
-class DiffusionDPO:
+class DiffusionDPO(Method):
     name: str = opt("dpo", "method name")
     beta: float = opt(5000.0, "KL strength beta in the official -0.5*beta convention (5000 for SD1.5/SDXL "
                               "in the official code; the paper's SD1.5 runs use 2000)", gt=0)

@@ -9,14 +9,15 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from diffalign import losses
-from diffalign.config import opt
+from diffalign.methods.base import Method
 from diffalign.methods.dpo import PairNoise, pair_errors
 from diffalign.models.base import Cond, DiffusionModel
+from diffalign.options import opt
 from diffalign.sampling import invert
 
 
 @dataclass
-class DDIMInPO:
+class DDIMInPO(Method):
     name: str = opt("inpo", "method name")
     beta: float = opt(5000.0, "KL strength beta in the official -0.5*beta convention (published: 2000 for SD1.5, "
                               "5000 for SDXL)", gt=0)

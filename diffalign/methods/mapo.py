@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from diffalign import losses
-from diffalign.config import opt
+from diffalign.methods.base import Method
 from diffalign.methods.dpo import noise_pairs, pair_errors
 from diffalign.models.base import DiffusionModel
+from diffalign.options import opt
 
 
 @dataclass
-class MaPO:
+class MaPO(Method):
     name: str = opt("mapo", "method name")
     beta: float = opt(0.1, "beta_mapo: weight of the log-odds margin term against the SFT term on winners "
                            "(published SDXL recipe: 0.1)", ge=0)

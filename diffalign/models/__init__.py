@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from diffalign.config import ConfigError, ModelConfig
 from diffalign.models.base import Cond, DiffusionModel
 from diffalign.models.sd import SDModel
 from diffalign.models.sdxl import SDXLModel
+from diffalign.options import ConfigError
+
+if TYPE_CHECKING:
+    from diffalign.config import ModelConfig
 
 FAMILIES: dict[str, type[DiffusionModel]] = {cls.pipeline_class_name: cls for cls in (SDModel, SDXLModel)}
 

@@ -36,16 +36,16 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from diffalign.config import ModelConfig
 from diffalign.models.schedules import FlowSchedule, VPSchedule, schedule_for
+from diffalign.options import parse_dtype
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+if TYPE_CHECKING:
+    from diffalign.config import ModelConfig
 
 log = logging.getLogger("diffalign")
 
@@ -160,7 +160,7 @@ class DiffusionModel:
             config = vae_class.load_config(cfg.pretrained, subfolder="vae", **kw)
             load = lambda dtype: vae_class.from_pretrained(cfg.pretrained, subfolder="vae", variant=cfg.variant,
                                                            torch_dtype=dtype, **kw)
-        dtype = DTYPES[cfg.vae_dtype]
+        dtype = parse_dtype(cfg.vae_dtype)
         if dtype == torch.float16 and config.get("force_upcast", False):
             log.warning("model.vae_dtype=float16, but the VAE of %s says force_upcast (it overflows in float16); "
                         "keeping it in float32. Use an fp16-fix VAE (model.vae=madebyollin/sdxl-vae-fp16-fix) to run "

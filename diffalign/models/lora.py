@@ -8,11 +8,14 @@ Resuming loads the weights back into the SAME adapter ("default"), never a secon
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from diffalign.config import LoraConfig
 from diffalign.models.base import DiffusionModel, unwrap
+
+if TYPE_CHECKING:
+    from diffalign.config import LoraConfig
 
 ADAPTER = "default"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffalign.options import parse_dtype
 from diffalign.rewards.base import Reward
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP; also used by the LAION ViT-H-14 / PickScore processor
@@ -25,14 +26,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HF_HUB_PREFIX = "hf-hub:"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 BACKENDS = ("open_clip", "transformers")
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float32"``, ``"bfloat16"``, ``torch.float16``... -> a floating torch dtype."""
-    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype such as 'float32' or 'bfloat16'; got {dtype!r}")
-    return value
 
 
 def clip_preprocess(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,45 @@
+"""Preference batches: their layout, caption dropout, and turning one into latents through the model's encoders.
+
+Every pair batch, cached or not, stacks the images as ``[winners; losers]`` on the batch axis (``2B``), so
+``x[:B]`` are the winners and ``x[B:]`` their losers. A new kind of data only has to produce that layout; the
+model contract does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from diffalign.data.transforms import item_rng
+from diffalign.models.base import Cond, DiffusionModel
+
+
+def winners_then_losers(pairs: Sequence[Tensor]) -> Tensor:
+    """B tensors of shape [2, ...] (winner, loser) -> [2B, ...] ordered w_1..w_B, l_1..l_B."""
+    return torch.stack(list(pairs), dim=1).flatten(0, 1)
+
+
+def caption_dropped(seed: int, epoch: int, row: int, probability: float) -> bool:
+    """Whether a pair's prompt is replaced by the empty prompt this epoch: the first draw of the pair's own
+    generator, so cached and uncached runs, any worker count and a resume all drop the same captions."""
+    return bool(probability) and item_rng(seed, epoch, row).random() < probability
+
+
+def pair_latents(model: DiffusionModel, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, Cond]:
+    """A preference batch -> (x0 [2B, ...] as [winners; losers], Cond [2B]).
+
+    Uncached batches carry ``pixels`` [2B,3,H,W] and ``prompts`` (B); cached ones carry ``latent_mean``,
+    ``latent_std`` [2B, ...] and ``cond`` (a dict of Cond fields for the B prompts). Both carry
+    ``original_sizes`` and ``crops`` [2B,2]. x0 is a fresh sample of each image's latent distribution.
+    """
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"].to(model.device), batch["latent_std"].to(model.device)
+        cond = Cond(**batch["cond"]).to(model.device)
+    else:
+        mean, std = model.encode_images(batch["pixels"])
+        cond = model.encode_prompt(batch["prompts"])
+    size = mean.shape[-1] * model.latent_factor
+    cond = model.add_time_ids(cond.repeat(2), batch["original_sizes"], batch["crops"], (size, size))
+    return model.sample_latents(mean, std, generator), cond
