@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffalign.config import LoraConfig, ModelConfig
+from diffalign.data.batches import pair_latents
 from diffalign.models import SDModel, SDXLModel, detect_family, load_model
 from diffalign.models.lora import add_lora
 
@@ -105,7 +106,7 @@ def test_reference_disables_adapters_and_restores_them(tiny_pipelines):
 def test_encode_pairs_uncached(model):
     batch = {"pixels": torch.rand(4, 3, 64, 64) * 2 - 1, "prompts": ["a", "b"],
              "original_sizes": torch.tensor([[64, 64]] * 4), "crops": torch.zeros(4, 2, dtype=torch.long)}
-    x0, cond = model.encode_pairs(batch)
+    x0, cond = pair_latents(model, batch)
     assert x0.shape == (4, 4, 8, 8) and len(cond) == 4
     assert torch.equal(cond.hidden[:2], cond.hidden[2:])                  # winner and loser share the prompt
 

@@ -8,12 +8,15 @@ model contract does not change.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from diffalign.data.transforms import item_rng
-from diffalign.models.base import Cond, DiffusionModel
+
+if TYPE_CHECKING:
+    from diffalign.models.base import Cond, DiffusionModel
 
 
 def winners_then_losers(pairs: Sequence[Tensor]) -> Tensor:
@@ -34,6 +37,8 @@ def pair_latents(model: DiffusionModel, batch: dict, generator: torch.Generator 
     ``latent_std`` [2B, ...] and ``cond`` (a dict of Cond fields for the B prompts). Both carry
     ``original_sizes`` and ``crops`` [2B,2]. x0 is a fresh sample of each image's latent distribution.
     """
+    from diffalign.models.base import Cond
+
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"].to(model.device), batch["latent_std"].to(model.device)
         cond = Cond(**batch["cond"]).to(model.device)

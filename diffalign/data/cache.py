@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from diffalign.checkpoint import commit, crc32, temp_dir
 from diffalign.config import Config, to_dict
-from diffalign.data.pairs import DataError, PreferencePairs, collate_pairs, item_rng, source_fingerprint
+from diffalign.data.batches import caption_dropped, winners_then_losers
+from diffalign.data.pairs import DataError, PreferencePairs, collate_pairs, source_fingerprint
 from diffalign.models.base import DiffusionModel
 from diffalign.options import parse_dtype
 from diffalign.workers import Workers, launched
@@ -252,7 +253,7 @@ class CachedPairs(torch.utils.data.Dataset):
         prompt_id = int(shard.get_slice("prompt_id")[j])
         row = int(shard.get_slice("row")[j])
         # the same first draw as PreferencePairs, so cached and uncached runs drop the same captions
-        if self.caption_dropout and item_rng(self.seed, self.epoch, row).random() < self.caption_dropout:
+        if caption_dropped(self.seed, self.epoch, row, self.caption_dropout):
             prompt_id = 0
         prompts = self._open(self.manifest["prompt_shards"][0]["file"])
         item["cond"] = {k: prompts.get_slice(k)[prompt_id] for k in prompts.keys()}
@@ -262,8 +263,7 @@ class CachedPairs(torch.utils.data.Dataset):
     @staticmethod
     def collate(items: list[dict]) -> dict[str, Any]:
         """Stack items; per-image tensors become [winners; losers] [2B,...] like the uncached path."""
-        pairs = lambda key: torch.cat([torch.stack([it[key][0] for it in items]),
-                                       torch.stack([it[key][1] for it in items])])
+        pairs = lambda key: winners_then_losers([it[key] for it in items])
         batch = {k: pairs(k).float() for k in ("latent_mean", "latent_std")}
         batch.update({k: pairs(k) for k in ("original_sizes", "crops")})
         batch["cond"] = {k: torch.stack([it["cond"][k] for it in items]).float() for k in items[0]["cond"]}

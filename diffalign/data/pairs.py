@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from diffalign.config import DataConfig
 from diffalign.data import transforms as T
+from diffalign.data.batches import winners_then_losers
 from diffalign.data.transforms import item_rng
 
 logger = logging.getLogger("diffalign")
@@ -484,7 +485,7 @@ class PreferencePairs(Dataset):
 
     def _draws(self, i: int) -> tuple[bool, tuple[T.Augment, T.Augment]]:
         rng = item_rng(self.seed, self.epoch, self.row(i))
-        dropped = rng.random() < self.caption_dropout  # always the first draw
+        dropped = rng.random() < self.caption_dropout  # always the first draw: batches.caption_dropped
         return dropped, T.draw_pair_augments(rng, self.cfg.crop, self.cfg.hflip, self.cfg.paired_transforms)
 
     def caption_dropped(self, i: int) -> bool:
@@ -519,11 +520,6 @@ class PreferencePairs(Dataset):
         }
 
 
-def _winners_then_losers(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """B tensors of shape [2, ...] -> [2B, ...] ordered w_1..w_B, l_1..l_B."""
-    return torch.stack(tensors, dim=1).flatten(0, 1)
-
-
 def collate_pairs(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     """Batch pairs; None items (unreadable pairs) are dropped and counted in ``num_skipped``.
 
@@ -540,6 +536,6 @@ def collate_pairs(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         empty = torch.zeros(0, 2, dtype=torch.long)
         return {**batch, "pixels": torch.zeros(0, 3, 0, 0), "original_sizes": empty, "crops": empty.clone()}
     for key in ("pixels", "original_sizes", "crops"):
-        batch[key] = _winners_then_losers([item[key] for item in kept])
+        batch[key] = winners_then_losers([item[key] for item in kept])
     return batch
 

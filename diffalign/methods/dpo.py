@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from diffalign import losses
+from diffalign.data.batches import pair_latents
 from diffalign.methods.base import Method
 from diffalign.models.base import Cond, DiffusionModel
 from diffalign.options import opt
@@ -46,7 +47,7 @@ class DiffusionDPO(Method):
     data = "pairs"
 
     def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        x0, cond = model.encode_pairs(batch)
+        x0, cond = pair_latents(model, batch)
         pn = noise_pairs(model, x0)
         err_w, err_l = pair_errors(model, pn, cond)
         with model.reference():

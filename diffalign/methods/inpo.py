@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from diffalign import losses
+from diffalign.data.batches import pair_latents
 from diffalign.methods.base import Method
 from diffalign.methods.dpo import PairNoise, pair_errors
 from diffalign.models.base import Cond, DiffusionModel
@@ -43,7 +44,7 @@ class DDIMInPO(Method):
         return PairNoise(t=t, x_t=x_t, target=schedule.target(x0, eps, t))
 
     def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        x0, cond = model.encode_pairs(batch)
+        x0, cond = pair_latents(model, batch)
         pn = self.invert(model, x0, cond)
         err_w, err_l = pair_errors(model, pn, cond)
         with model.reference():

@@ -9,7 +9,8 @@ for the flow-matching families) is called. The contract:
     encode_prompt     prompts -> Cond                                  (family hook; @outside_autocast)
     add_time_ids      Cond + original sizes + crops -> Cond            (family hook; identity for SD 1.x/2.x)
     encode_images     pixels in [-1,1] -> (mean, std) of the scaled latent distribution (VAE in its own dtype)
-    sample_latents    (mean, std) -> x0 = mean + std * eps
+    sample_latents    (mean, std) -> x0 = mean + std * eps  (a preference batch becomes (x0, Cond) on the
+                      data side: data/batches.py pair_latents)
     decode_latents    latents -> images in [0,1], differentiable
     schedule          the family's noise schedule (models/schedules.py): every x0 / noise / x_t relation, training
                       levels, sampler and inversion steps, in fp32; methods and the sampler use nothing else
@@ -19,7 +20,6 @@ for the flow-matching families) is called. The contract:
     sampling_cond     prompts + image size -> Cond for generating whole (uncropped) images
     null_cond         n + image size -> the unconditional Cond classifier-free guidance pairs it with
     latent_shape      n + image size -> the shape of the initial noise to generate from
-    encode_pairs      a preference batch (pixels or cached latents) -> (x0 [2B,...], Cond [2B])
     denoiser, ref_denoiser    the trained network and, for full fine-tuning, its frozen copy
     weights on disk   denoiser_folder ("unet"), lora_prefix ("unet"), denoiser_class(), load_denoiser(folder),
                       save_lora_file(directory, layers, metadata) through the pipeline's save_lora_weights
@@ -257,24 +257,7 @@ class DiffusionModel:
                 self._active = None
                 base.enable_adapters()
 
-    # ------------------------------------------------------------------------------- batches
-    def encode_pairs(self, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, Cond]:
-        """A preference batch -> (x0 [2B,C,h,w] as [winners; losers], Cond [2B]).
-
-        Uncached batches carry ``pixels`` [2B,3,H,W] and ``prompts`` (B); cached ones carry ``latent_mean``,
-        ``latent_std`` [2B,C,h,w] and ``cond`` (a dict of Cond fields for the B prompts). Both carry
-        ``original_sizes`` and ``crops`` [2B,2].
-        """
-        if "latent_mean" in batch:
-            mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
-            cond = Cond(**batch["cond"]).to(self.device)
-        else:
-            mean, std = self.encode_images(batch["pixels"])
-            cond = self.encode_prompt(batch["prompts"])
-        size = mean.shape[-1] * self.latent_factor
-        cond = self.add_time_ids(cond.repeat(2), batch["original_sizes"], batch["crops"], (size, size))
-        return self.sample_latents(mean, std, generator), cond
-
+    # ------------------------------------------------------------------------------- generation
     def sampling_cond(self, prompts: Sequence[str], size: tuple[int, int]) -> Cond:
         """Conditioning to generate whole images of `size` (H, W) pixels: original = target size, no crop."""
         n = len(prompts)
