@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from diffalign.models.base import Cond, DiffusionModel
+from diffalign.options import ConfigError
 
 SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
                      "euler_ancestral": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
@@ -28,6 +29,10 @@ def make_scheduler(model: DiffusionModel, name: str, revision: str | None = None
     import diffusers
 
     config = _pipeline_scheduler_config(model, revision)
+    if model.schedule.kind == "flow" and name != "pipeline":
+        raise ConfigError(f"eval.scheduler={name} is a sampler for variance-preserving models; {model.source} is a "
+                          f"flow-matching {type(model).__name__}: set eval.scheduler=pipeline (its "
+                          f"{config.get('_class_name', 'flow-matching scheduler')})")
     cls_name = config.get("_class_name", "") if name == "pipeline" else SCHEDULER_CLASSES[name]
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
@@ -72,13 +77,13 @@ def generate(model: DiffusionModel, scheduler: Any, prompts: Sequence[str], seed
     device = model.device
     latents, generators = initial_noise(model, seeds, size)
     scheduler.set_timesteps(num_steps, device=device)
-    x = latents.to(device) * scheduler.init_noise_sigma
+    x = latents.to(device) * getattr(scheduler, "init_noise_sigma", 1.0)      # flow schedulers start at 1
     cond, uncond = guidance_conds(model, prompts, size, negative_prompt)
     guided = guidance_scale > 1.0          # as in the diffusers pipelines: at or below 1, the conditional branch only
     both = Cond.cat([uncond, cond]) if guided else cond
     step_kwargs = _step_kwargs(scheduler, generators, eta)
     for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         x_in = torch.cat([x_in, x_in]) if guided else x_in
         pred = model.predict(x_in, model.schedule.level(t).expand(x_in.shape[0]).to(device), both).float()
         if guided:

@@ -8,15 +8,16 @@ import torch
 
 from diffalign.models.base import Cond, DiffusionModel
 from diffalign.models.sd import SDModel
+from diffalign.models.sd3 import SD3Model
 from diffalign.models.sdxl import SDXLModel
 from diffalign.options import ConfigError
 
 if TYPE_CHECKING:
     from diffalign.config import ModelConfig
 
-FAMILIES: dict[str, type[DiffusionModel]] = {cls.pipeline_class_name: cls for cls in (SDModel, SDXLModel)}
+FAMILIES: dict[str, type[DiffusionModel]] = {cls.pipeline_class_name: cls for cls in (SDModel, SDXLModel, SD3Model)}
 
-__all__ = ["Cond", "DiffusionModel", "FAMILIES", "detect_family", "load_model"]
+__all__ = ["Cond", "DiffusionModel", "FAMILIES", "SD3Model", "SDModel", "SDXLModel", "detect_family", "load_model"]
 
 
 def detect_family(pretrained: str, revision: str | None = None) -> type[DiffusionModel]:

@@ -14,7 +14,8 @@ for the flow-matching families) is called. The contract:
     decode_latents    latents -> images in [0,1], differentiable
     schedule          the family's noise schedule (models/schedules.py): every x0 / noise / x_t relation, training
                       levels, sampler and inversion steps, in fp32; methods and the sampler use nothing else
-    predict           (x_t, level t, Cond) -> denoiser output          (family hook: _denoiser_kwargs)
+    predict           (x_t, level t, Cond) -> denoiser output          (family hooks: _call_denoiser,
+                                                                        _denoiser_kwargs)
     reference()       context: predict() uses the reference (adapters disabled, or the frozen copy), no grad,
                       restored in `finally`
     sampling_cond     prompts + image size -> Cond for generating whole (uncropped) images
@@ -233,8 +234,11 @@ class DiffusionModel:
         """Denoiser output for x_t at schedule levels t [B]; the reference model inside reference()."""
         network = self._active if self._active is not None else self.denoiser
         cond = cond.to(x_t.device, self.dtype)
-        timestep = self.schedule.timestep(t).to(x_t.device)
-        return network(x_t.to(self.dtype), timestep, encoder_hidden_states=cond.hidden, return_dict=False,
+        return self._call_denoiser(network, x_t.to(self.dtype), self.schedule.timestep(t).to(x_t.device), cond)
+
+    def _call_denoiser(self, network: torch.nn.Module, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
+        """One call of the network (family hook; the UNet's signature here)."""
+        return network(x, timestep, encoder_hidden_states=cond.hidden, return_dict=False,
                        **self._denoiser_kwargs(cond))[0]
 
     @contextlib.contextmanager

@@ -49,7 +49,8 @@ from diffalign.checkpoint import write_atomic
 
 __all__ = ["TINY_FAMILIES", "build_tiny_pipeline", "clip_tokenizer", "unet_config"]
 
-TINY_FAMILIES = ("sd15", "sd2", "sdxl")
+FLOW_FAMILIES = ("sd3",)
+TINY_FAMILIES = ("sd15", "sd2", "sdxl", *FLOW_FAMILIES)
 CLIP_VOCAB_SIZE = 49408
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 BOS_ID, EOS_ID = 49406, 49407
@@ -271,7 +272,81 @@ def _scheduler(prediction_type: str) -> DDIMScheduler:
     )
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Flow-matching families: a T5 tokenizer trained offline, tiny T5 / transformer / 16-channel VAE
+# --------------------------------------------------------------------------------------------------------------
+TINY_T5_VOCAB = 320
+
+
+@functools.lru_cache(maxsize=1)
+def _t5_tokenizer_dir() -> Path:
+    """A T5-style unigram tokenizer (pad 0, eos 1, unk 2; "</s>" appended) trained in-process on the shipped
+    evaluation prompts, saved as tokenizer.json: ``T5TokenizerFast.from_pretrained`` reads it, as the SD3 and FLUX
+    pipelines read their own T5 tokenizers. No sentencepiece model or download is needed."""
+    from importlib import resources
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    text = resources.files("diffalign").joinpath("assets/eval_prompts.txt").read_text(encoding="utf-8").splitlines()
+    text += [f"a {c} {s} on a grey background" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square")]
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC(),
+                                           normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.train_from_iterator(text * 4, trainers.UnigramTrainer(vocab_size=TINY_T5_VOCAB, unk_token="<unk>",
+                                                             special_tokens=["<pad>", "</s>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    out = Path(tempfile.mkdtemp(prefix="diffalign-t5-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                    extra_ids=0).save_pretrained(out)
+    return out
+
+
+def t5_tokenizer() -> Any:
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast.from_pretrained(_t5_tokenizer_dir())
+
+
+def _t5_encoder(d_model: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=TINY_T5_VOCAB, d_model=d_model, d_kv=8, d_ff=37, num_layers=2,
+                                   num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+
+def _flow_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """16 latent channels with a shift factor, no quant convs (as the SD3 and FLUX VAEs)."""
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
+                         layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=64,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False,
+                         use_post_quant_conv=False, force_upcast=False)
+
+
+def _sd3_pipeline() -> DiffusionPipeline:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    joint = 2 * TINY_TEXT_DIM                       # CLIP-L + CLIP-G states, zero-padded to T5's width
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=joint,
+                                        caption_projection_dim=32, pooled_projection_dim=2 * TINY_TEXT_DIM,
+                                        pos_embed_max_size=16)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_flow_vae(1.5305, 0.0609),
+        text_encoder=_text_encoder(EOS_TOKEN, "quick_gelu", projection=True), tokenizer=clip_tokenizer(),
+        text_encoder_2=_text_encoder("!", "gelu", projection=True), tokenizer_2=clip_tokenizer(pad_token="!"),
+        text_encoder_3=_t5_encoder(joint), tokenizer_3=t5_tokenizer())
+
+
 def _pipeline(family: str, prediction_type: str) -> DiffusionPipeline:
+    if family == "sd3":
+        return _sd3_pipeline()
     spec = _family(family)
     common = {"vae": _vae(family), "unet": _unet(family), "scheduler": _scheduler(prediction_type)}
     if family == "sdxl":
@@ -301,14 +376,14 @@ def build_tiny_pipeline(
 ) -> Path:
     """Build a tiny random-weight ``family`` pipeline and ``save_pretrained`` it to ``path``.
 
-    ``family`` is ``sd15``, ``sd2`` or ``sdxl``. ``prediction_type`` defaults to the family's (``v_prediction``
-    for sd2, ``epsilon`` otherwise). If ``path/model_index.json`` already exists the pipeline is not rebuilt
+    ``family`` is ``sd15``, ``sd2``, ``sdxl`` or ``sd3``. ``prediction_type`` defaults to the family's
+    (``v_prediction`` for sd2, ``epsilon`` for the other VP families; ignored for the flow-matching sd3). If ``path/model_index.json`` already exists the pipeline is not rebuilt
     unless ``overwrite``. Weights are drawn under ``torch.manual_seed(seed)`` inside ``fork_rng`` (the global RNG
     is left untouched). The save goes through a sibling temp dir, so an interrupted build leaves no partial
     pipeline at ``path``. Returns ``path`` for ``DiffusionPipeline.from_pretrained``.
     """
     path = Path(path)
-    prediction_type = prediction_type or _family(family).prediction_type
+    prediction_type = prediction_type or ("flow" if family in FLOW_FAMILIES else _family(family).prediction_type)
     if (path / "model_index.json").exists() and not overwrite:
         return path
     with torch.random.fork_rng(devices=[]):  # seed the weights without disturbing the caller's RNG
