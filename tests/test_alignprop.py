@@ -15,9 +15,9 @@ from diffalign.models.lora import add_lora
 from diffalign.rewards import build_reward
 
 
-@pytest.fixture(scope="module")
-def lora_model(tiny_pipelines):
-    model = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd15"])))
+@pytest.fixture(scope="module", params=["sd15", "sd3"])      # a VP UNet and a flow-matching transformer
+def lora_model(request, tiny_pipelines):
+    model = load_model(ModelConfig(pretrained=str(tiny_pipelines[request.param])))
     params = add_lora(model.denoiser, LoraConfig(rank=4))
     return model, params
 
@@ -64,13 +64,13 @@ def test_saved_memory_does_not_grow_with_sampling_steps(lora_model, monkeypatch)
     assert few == many                                    # steps outside the window save nothing
     wider, _ = saved_bytes(lambda: generate(model, 16, grad_steps=3))
     per_step = wider - many              # one more step in the window keeps about one latent (measured 2064 bytes)
-    latent_bytes = 2 * 4 * 8 * 8 * 4
+    latent_bytes = torch.Size(model.latent_shape(2, (64, 64))).numel() * 4
     assert latent_bytes <= per_step <= 2 * latent_bytes
 
-    # the measurement does see UNet activations once the per-call checkpoint is removed (measured ~9 MB per step)
+    # the measurement does see activations once the per-call checkpoint is removed (sd15 ~9 MB, sd3 ~3 MB a step)
     monkeypatch.setattr(sampling, "checkpoint", lambda fn, *args, **kw: fn(*args))
     unchecked = [saved_bytes(lambda k=k: generate(model, 16, grad_steps=k))[0] for k in (2, 3)]
-    assert unchecked[1] - unchecked[0] > 1000 * per_step
+    assert unchecked[1] - unchecked[0] > 100 * per_step      # measured: sd15 ~1100x, sd3 ~360x
 
 
 def test_grad_steps_are_validated_and_drawn_once_in_range():

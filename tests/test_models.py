@@ -5,10 +5,10 @@ import torch
 
 from diffalign.config import LoraConfig, ModelConfig
 from diffalign.data.batches import pair_latents
-from diffalign.models import SDModel, SDXLModel, detect_family, load_model
+from diffalign.models import SD3Model, SDModel, SDXLModel, detect_family, load_model
 from diffalign.models.lora import add_lora
 
-FAMILIES = ["sd15", "sd2", "sdxl"]
+FAMILIES = ["sd15", "sd2", "sdxl", "sd3"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -18,7 +18,7 @@ def model(request, tiny_pipelines):
 
 def _batch(model, b=2):
     torch.manual_seed(0)
-    x0 = torch.randn(2 * b, 4, 8, 8)
+    x0 = torch.randn(2 * b, *model.latent_shape(1, (64, 64))[1:])
     cond = model.encode_prompt(["a red circle", "a blue square"][:b]).repeat(2)
     sizes = torch.tensor([[64, 64]] * 2 * b)
     cond = model.add_time_ids(cond, sizes, torch.zeros(2 * b, 2, dtype=torch.long), (64, 64))
@@ -29,14 +29,20 @@ def test_family_detected_from_model_index(tiny_pipelines):
     assert detect_family(str(tiny_pipelines["sd15"])) is SDModel
     assert detect_family(str(tiny_pipelines["sd2"])) is SDModel
     assert detect_family(str(tiny_pipelines["sdxl"])) is SDXLModel
+    assert detect_family(str(tiny_pipelines["sd3"])) is SD3Model
     with pytest.raises(ValueError, match="model_index.json"):
         detect_family("/nonexistent/pipeline")
 
 
-def test_prompt_conditioning_matches_unet(model):
+def test_prompt_conditioning_matches_the_denoiser(model):
     cond = model.encode_prompt(["a cat", "a dog", ""])
+    config = model.denoiser.config
+    if isinstance(model, SD3Model):       # CLIP-L + CLIP-G (77 tokens, padded) then T5's tokens, on one axis
+        assert cond.hidden.shape == (3, 77 + model.max_sequence_length, config.joint_attention_dim)
+        assert cond.pooled.shape == (3, config.pooled_projection_dim) and cond.time_ids is None
+        return
     assert cond.hidden.shape[:2] == (3, 77)
-    assert cond.hidden.shape[2] == model.denoiser.config.cross_attention_dim
+    assert cond.hidden.shape[2] == config.cross_attention_dim
     if isinstance(model, SDXLModel):
         assert cond.pooled.shape == (3, model.text_encoders[1].config.projection_dim)
     else:
@@ -56,9 +62,13 @@ def test_time_ids_from_real_sizes_and_crops(model):
 
 def test_the_schedule_is_the_pipelines(model):
     """The family's schedule is built from the pipeline's scheduler config (details in test_schedules.py)."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     x0, _ = _batch(model)
+    if model.schedule.kind == "flow":
+        theirs = FlowMatchEulerDiscreteScheduler.from_pretrained(model.source, subfolder="scheduler")
+        assert torch.equal(model.schedule.table, theirs.sigmas) and theirs.config.shift == 3.0
+        return
     noise = torch.randn_like(x0)
     t = torch.tensor([0, 10, 500, 999])
     theirs = DDIMScheduler.from_pretrained(model.source, subfolder="scheduler")
@@ -73,7 +83,7 @@ def test_the_schedule_is_the_pipelines(model):
 def test_vae_round_trip_shapes_and_gradient(model):
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1
     mean, std = model.encode_images(pixels)
-    assert mean.shape == (2, 4, 8, 8) and (std > 0).all()
+    assert mean.shape == model.latent_shape(2, (64, 64)) and (std > 0).all()
     a, b = model.sample_latents(mean, std), model.sample_latents(mean, std)
     assert not torch.equal(a, b)                          # stochastic: the std is used
     latents = a.clone().requires_grad_(True)
@@ -107,7 +117,7 @@ def test_encode_pairs_uncached(model):
     batch = {"pixels": torch.rand(4, 3, 64, 64) * 2 - 1, "prompts": ["a", "b"],
              "original_sizes": torch.tensor([[64, 64]] * 4), "crops": torch.zeros(4, 2, dtype=torch.long)}
     x0, cond = pair_latents(model, batch)
-    assert x0.shape == (4, 4, 8, 8) and len(cond) == 4
+    assert x0.shape == model.latent_shape(4, (64, 64)) and len(cond) == 4
     assert torch.equal(cond.hidden[:2], cond.hidden[2:])                  # winner and loser share the prompt
 
 
