@@ -100,6 +100,9 @@ class TrainConfig:
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null disables clipping", gt=0)
     mixed_precision: str = opt("no", "autocast precision; frozen weights are stored in it", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute denoiser activations in backward")
+    timestep_sampling: str = opt("uniform", "training timesteps: uniform, or for flow-matching models the "
+                                            "logit-normal(0, 1) or 'mode' draws SD3 was trained with",
+                                 ("uniform", "logit_normal", "mode"))
     seed: int = opt(0, "global seed: data order, noise, timesteps", ge=0)
     checkpoint_every: int = opt(500, "write a checkpoint every N steps (0 = only the final weights)", ge=0)
     keep_last: int = opt(3, "checkpoints kept on disk (older ones are deleted)", ge=1)

@@ -143,6 +143,10 @@ class Trainer:
         runs.check_output_dir(self.out)
         self.model = load_model(cfg.model, self.acc.device, parse_dtype(t.mixed_precision))
         _check_resolution(cfg, self.model.latent_factor)
+        try:
+            self.model.schedule.use_timestep_sampling(t.timestep_sampling)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.params = make_trainable(self.model, cfg, self.method.needs_reference)
         self.data = open_training_data(cfg, self.model)
         if hasattr(self.data, "repeat_to"):          # a short prompt list still fills a global batch

@@ -111,3 +111,14 @@ def test_ddim_is_refused_for_a_flow_model(tiny_pipelines):
     model = load_model(ModelConfig(pretrained=str(tiny_pipelines["sd3"])), denoiser=False)
     with pytest.raises(ConfigError, match="set eval.scheduler=pipeline"):
         make_scheduler(model, "ddim")
+
+
+def test_timestep_sampling_is_an_option_of_flow_models_only(tiny_pipelines, toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", CONFIG, *args(tiny_pipelines, toy, out, "train.timestep_sampling=logit_normal",
+                                            "train.max_steps=1")]) == 0
+    capsys.readouterr()
+    vp = [f"model.pretrained={tiny_pipelines['sd15']}", f"data.path={toy}", f"output_dir={tmp_path / 'vp'}",
+          "train.timestep_sampling=logit_normal", "train.max_steps=1"]
+    assert cli.main(["train", "configs/tiny_dpo_sd15.yaml", *vp]) == 2
+    assert "for flow-matching models" in capsys.readouterr().err

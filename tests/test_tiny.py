@@ -11,7 +11,7 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from diffalign.models.tiny import TINY_FAMILIES, build_tiny_pipeline, clip_tokenizer, unet_config
+from diffalign.models.tiny import VP_FAMILIES, build_tiny_pipeline, clip_tokenizer, t5_tokenizer, unet_config
 
 EOS_ID = 49407
 PROMPTS = [
@@ -79,7 +79,7 @@ def test_clip_tokenizer_max_length() -> None:
 @pytest.fixture(scope="module")
 def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {family: build_tiny_pipeline(family, root / family) for family in TINY_FAMILIES}
+    return {family: build_tiny_pipeline(family, root / family) for family in VP_FAMILIES}   # UNet families
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def tiny_pipes(tiny_paths: dict[str, Path]) -> dict[str, DiffusionPipeline]:
     return pipes
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", VP_FAMILIES)
 def test_tiny_pipeline_generates(tiny_pipes: dict[str, DiffusionPipeline], family: str) -> None:
     pipe = tiny_pipes[family]
     expected = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
@@ -154,9 +154,9 @@ def test_build_is_cached_and_seeded(tiny_paths: dict[str, Path], tmp_path: Path)
 
 def test_unknown_family_or_preset() -> None:
     with pytest.raises(ValueError, match="family"):
-        build_tiny_pipeline("sd3", "/nonexistent")
+        build_tiny_pipeline("sd9", "/nonexistent")
     with pytest.raises(ValueError, match="preset"):
-        unet_config("sd3")
+        unet_config("sd3")          # SD3 has a transformer, not a UNet preset
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,3 +178,18 @@ def test_tiny_pipelines_use_tiny_presets(tiny_pipes: dict[str, DiffusionPipeline
                 list(value) if isinstance(value, tuple) else value
             ), (family, key)
     assert unet_config("sd15") is not unet_config("sd15")  # fresh copies
+
+
+def test_tiny_sd3_pipeline_and_its_offline_t5_tokenizer(tmp_path: Path) -> None:
+    """The SD3 builder writes a pipeline StableDiffusion3Pipeline loads and runs; T5's ids follow T5's rules."""
+    tok = t5_tokenizer()
+    ids = tok(["a red circle"], padding="max_length", max_length=12, truncation=True).input_ids[0]
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    assert ids[ids.index(1) + 1:] == [0] * (12 - ids.index(1) - 1) and 2 not in ids      # eos, then padding
+    path = build_tiny_pipeline("sd3", tmp_path / "sd3")
+    pipe = DiffusionPipeline.from_pretrained(path)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.vae.config.latent_channels == 16
+    assert pipe.tokenizer_3("a red circle").input_ids == tok("a red circle").input_ids
+    out = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()

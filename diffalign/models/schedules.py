@@ -67,6 +67,11 @@ class VPSchedule:
         # the abar DDIM steps to after its last timestep: 1, or abar_0 (set_alpha_to_one=False, as in SD/SDXL)
         self.final_level = -1 if self._ddim.config.set_alpha_to_one else 0
 
+    def use_timestep_sampling(self, name: str) -> None:
+        if name != "uniform":
+            raise ValueError(f"train.timestep_sampling={name} is for flow-matching models; variance-preserving "
+                             "models draw t uniformly")
+
     def abar(self, t: Tensor, ndim: int = 4) -> Tensor:
         """abar at levels t (-1 -> 1), fp32, shaped [B,1,...] to broadcast against latents."""
         t = torch.as_tensor(t).long()
@@ -176,6 +181,11 @@ class FlowSchedule:
         self.num_train_timesteps: int = self._euler.config.num_train_timesteps
         self.table = self._euler.sigmas.to(torch.float32)             # the (statically shifted) training sigmas
         self.timestep_sampling = timestep_sampling
+
+    def use_timestep_sampling(self, name: str) -> None:
+        if name not in ("uniform", "logit_normal", "mode"):
+            raise ValueError(f"unknown timestep sampling {name!r}")
+        self.timestep_sampling = name
 
     # ------------------------------------------------------------------------- training
     def sample_t(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Tensor:

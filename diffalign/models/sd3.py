@@ -31,9 +31,11 @@ class SD3Model(DiffusionModel):
         from diffusers import DiffusionPipeline
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        tokenizers: list[Any] = [CLIPTokenizer.from_pretrained(src, subfolder=s, **kw) for s in ("tokenizer", "tokenizer_2")]
-        encoders: list[Any] = [CLIPTextModelWithProjection.from_pretrained(src, subfolder=s, variant=variant, dtype=dtype,
-                                                                           **kw) for s in ("text_encoder", "text_encoder_2")]
+        tokenizers: list[Any] = [CLIPTokenizer.from_pretrained(src, subfolder=sub, **kw)
+                                 for sub in ("tokenizer", "tokenizer_2")]
+        encoders: list[Any] = [CLIPTextModelWithProjection.from_pretrained(src, subfolder=sub, variant=variant,
+                                                                           dtype=dtype, **kw)
+                               for sub in ("text_encoder", "text_encoder_2")]
         index = DiffusionPipeline.load_config(src, revision=kw.get("revision"))
         if (index.get("text_encoder_3") or [None])[0] is not None:     # T5 is optional in the pipeline
             tokenizers.append(T5TokenizerFast.from_pretrained(src, subfolder="tokenizer_3", **kw))

@@ -47,10 +47,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from diffalign.checkpoint import write_atomic
 
-__all__ = ["TINY_FAMILIES", "build_tiny_pipeline", "clip_tokenizer", "unet_config"]
+__all__ = ["FLOW_FAMILIES", "TINY_FAMILIES", "VP_FAMILIES", "build_tiny_pipeline", "clip_tokenizer", "t5_tokenizer",
+           "unet_config"]
 
+VP_FAMILIES = ("sd15", "sd2", "sdxl")
 FLOW_FAMILIES = ("sd3",)
-TINY_FAMILIES = ("sd15", "sd2", "sdxl", *FLOW_FAMILIES)
+TINY_FAMILIES = (*VP_FAMILIES, *FLOW_FAMILIES)
 CLIP_VOCAB_SIZE = 49408
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 BOS_ID, EOS_ID = 49406, 49407
@@ -289,7 +291,8 @@ def _t5_tokenizer_dir() -> Path:
     from transformers import T5TokenizerFast
 
     text = resources.files("diffalign").joinpath("assets/eval_prompts.txt").read_text(encoding="utf-8").splitlines()
-    text += [f"a {c} {s} on a grey background" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square")]
+    text += [f"a {c} {s} on a grey background" for c in ("red", "green", "blue", "yellow")
+             for s in ("circle", "square")]
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC(),
                                            normalizers.Replace(Regex(" {2,}"), " ")])
@@ -377,7 +380,8 @@ def build_tiny_pipeline(
     """Build a tiny random-weight ``family`` pipeline and ``save_pretrained`` it to ``path``.
 
     ``family`` is ``sd15``, ``sd2``, ``sdxl`` or ``sd3``. ``prediction_type`` defaults to the family's
-    (``v_prediction`` for sd2, ``epsilon`` for the other VP families; ignored for the flow-matching sd3). If ``path/model_index.json`` already exists the pipeline is not rebuilt
+    (``v_prediction`` for sd2, ``epsilon`` for the other VP families; ignored for the flow-matching sd3).
+    If ``path/model_index.json`` already exists the pipeline is not rebuilt
     unless ``overwrite``. Weights are drawn under ``torch.manual_seed(seed)`` inside ``fork_rng`` (the global RNG
     is left untouched). The save goes through a sibling temp dir, so an interrupted build leaves no partial
     pipeline at ``path``. Returns ``path`` for ``DiffusionPipeline.from_pretrained``.
