@@ -141,3 +141,15 @@ def test_schedule_kind_from_the_scheduler_class():
     assert isinstance(schedule_for({**SD_DDIM, "_class_name": "EulerDiscreteScheduler"}), VPSchedule)
     assert isinstance(schedule_for(SD3_FLOW), FlowSchedule)
     assert math.isclose(FlowSchedule(SD3_FLOW).table[0].item(), 1.0)
+
+
+def test_flow_sde_first_step_uses_the_next_sigma_as_flow_grpo():
+    """At sigma = 1 the SDE std would divide by zero; flow_grpo puts the next sigma in the denominator."""
+    flow = FlowSchedule(SD3_FLOW)
+    (s, s_next), *_ = flow.sampling_steps(10)
+    assert s == 1.0
+    std = flow.sde_std(torch.tensor([s]), torch.tensor([s_next]), 0.7)
+    assert torch.isfinite(std).all() and std.item() == pytest.approx(0.7 * math.sqrt(1 / (1 - s_next)))
+    x, v, noise = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
+    x_next, logp = flow.step_logprob(v, x, torch.tensor([s]), torch.tensor([s_next]), 0.7, noise)
+    assert torch.isfinite(x_next).all() and torch.isfinite(logp).all()

@@ -245,9 +245,11 @@ class FlowSchedule:
         return list(zip(levels[:-1], levels[1:], strict=True))
 
     def sde_std(self, t: Tensor, t_next: Tensor, eta: float, ndim: int = 4) -> Tensor:
-        """Flow-GRPO's noise for the SDE of the flow ODE: eta * sqrt(s / (1 - s)) (s < 1 kept away from 1)."""
+        """Flow-GRPO's noise for the SDE of the flow ODE: eta * sqrt(s / (1 - s)); at s = 1 (the first step) the
+        denominator uses the next sigma, as flow_grpo does (``where(sigma == 1, sigma_max, sigma)``)."""
         s = _view(torch.as_tensor(t), ndim)
-        return eta * (s / (1 - s).clamp(min=1e-4)).sqrt()
+        s_next = _view(torch.as_tensor(t_next), ndim).to(s.device)
+        return eta * (s / (1 - torch.where(s >= 1, s_next, s))).sqrt()
 
     def _sde_mean(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
         s = _view(torch.as_tensor(t), x.ndim).to(x.device)
