@@ -15,9 +15,10 @@ from torch.utils.checkpoint import checkpoint
 from diffalign.models.base import Cond, DiffusionModel
 
 
-def guidance_on(guidance_scale: float) -> bool:
-    """The pipelines' rule: classifier-free guidance runs only for a scale above 1."""
-    return guidance_scale > 1.0
+def guidance_on(guidance_scale: float, model: DiffusionModel | None = None) -> bool:
+    """The pipelines' rule: classifier-free guidance runs only for a scale above 1, and never on a model whose
+    guidance is a network input (FLUX.1-dev)."""
+    return guidance_scale > 1.0 and not (model is not None and model.distilled_guidance)
 
 
 # ------------------------------------------------------------------------------------------------ inversion
@@ -52,7 +53,7 @@ def guided_prediction(model: DiffusionModel, x: Tensor, t: float, cond: Cond, un
     the raw output equals guidance on eps or x0, since the schedule's conversions are affine in it."""
     n = x.shape[0]
     level = torch.full((n,), t, device=x.device)
-    if uncond is None or not guidance_on(guidance_scale):
+    if uncond is None or not guidance_on(guidance_scale, model):
         return model.predict(x, level, cond).float()
     pred_u, pred_c = model.predict(torch.cat([x, x]), level.repeat(2), Cond.cat([uncond, cond])).float().chunk(2)
     return pred_u + guidance_scale * (pred_c - pred_u)
@@ -68,7 +69,7 @@ def sample(model: DiffusionModel, latents: Tensor, cond: Cond, num_steps: int, g
     keeps per step is the latents, not activations. `uncond` (the empty-prompt Cond) enables CFG. `steps`
     overrides the schedule's (t, t_next) pairs.
     """
-    steps = steps if steps is not None else model.schedule.sampling_steps(num_steps)
+    steps = steps if steps is not None else model.sampling_steps(num_steps, latents.shape)
     first_grad = len(steps) - grad_steps
     x = latents.float()
     for i, (t, t_next) in enumerate(steps):

@@ -18,4 +18,4 @@ def tiny_pipelines(tmp_path_factory):
     from diffalign.models.tiny import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("pipelines")
-    return {fam: build_tiny_pipeline(fam, root / fam) for fam in ("sd15", "sd2", "sdxl", "sd3")}
+    return {fam: build_tiny_pipeline(fam, root / fam) for fam in ("sd15", "sd2", "sdxl", "sd3", "flux")}

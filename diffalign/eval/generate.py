@@ -9,8 +9,9 @@ Classifier-free guidance is applied to the raw UNet output, as the pipelines do.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from diffalign.models.base import Cond, DiffusionModel
 from diffalign.options import ConfigError
+from diffalign.sampling import guidance_on
 
 SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
                      "euler_ancestral": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
@@ -76,21 +78,36 @@ def generate(model: DiffusionModel, scheduler: Any, prompts: Sequence[str], seed
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     device = model.device
     latents, generators = initial_noise(model, seeds, size)
-    scheduler.set_timesteps(num_steps, device=device)
+    scheduler.set_timesteps(num_steps, device=device, **model.scheduler_kwargs(num_steps, latents.shape))
     x = latents.to(device) * getattr(scheduler, "init_noise_sigma", 1.0)      # flow schedulers start at 1
     cond, uncond = guidance_conds(model, prompts, size, negative_prompt)
-    guided = guidance_scale > 1.0          # as in the diffusers pipelines: at or below 1, the conditional branch only
+    guided = guidance_on(guidance_scale, model)   # as in the pipelines: at or below 1, the conditional branch only
     both = Cond.cat([uncond, cond]) if guided else cond
     step_kwargs = _step_kwargs(scheduler, generators, eta)
-    for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        x_in = torch.cat([x_in, x_in]) if guided else x_in
-        pred = model.predict(x_in, model.schedule.level(t).expand(x_in.shape[0]).to(device), both).float()
-        if guided:
-            pred_u, pred_c = pred.chunk(2)
-            pred = pred_u + guidance_scale * (pred_c - pred_u)
-        x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
+    with embedded_guidance(model, guidance_scale):
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+            x_in = torch.cat([x_in, x_in]) if guided else x_in
+            pred = model.predict(x_in, model.schedule.level(t).expand(x_in.shape[0]).to(device), both).float()
+            if guided:
+                pred_u, pred_c = pred.chunk(2)
+                pred = pred_u + guidance_scale * (pred_c - pred_u)
+            x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
     return model.decode_latents(x).float().cpu()
+
+
+@contextlib.contextmanager
+def embedded_guidance(model: DiffusionModel, guidance_scale: float) -> Iterator[None]:
+    """On a guidance-distilled model (FLUX.1-dev) the scale is the network's guidance input while sampling, as in
+    its pipeline; the training value is restored afterwards."""
+    if not model.distilled_guidance:
+        yield
+        return
+    kept, model.guidance = model.guidance, guidance_scale
+    try:
+        yield
+    finally:
+        model.guidance = kept
 
 
 def _step_kwargs(scheduler: Any, generators: list, eta: float) -> dict:

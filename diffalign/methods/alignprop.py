@@ -59,7 +59,7 @@ class AlignProp(Method):
         """Images [B,3,H,W] in [0,1] with gradient through the last K steps and the decoder; returns (images, K)."""
         n = len(prompts)
         cond = model.sampling_cond(prompts, size)
-        uncond = model.null_cond(n, size) if guidance_on(self.guidance_scale) else None
+        uncond = model.null_cond(n, size) if guidance_on(self.guidance_scale, model) else None
         latents = torch.randn(model.latent_shape(n, size), device=model.device)
         k = self.draw_grad_steps()
         x0 = sample(model, latents, cond, self.num_steps, self.guidance_scale, uncond, self.eta, grad_steps=k)

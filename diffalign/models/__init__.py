@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffalign.models.base import Cond, DiffusionModel
+from diffalign.models.flux import FluxModel
 from diffalign.models.sd import SDModel
 from diffalign.models.sd3 import SD3Model
 from diffalign.models.sdxl import SDXLModel
@@ -15,9 +16,10 @@ from diffalign.options import ConfigError
 if TYPE_CHECKING:
     from diffalign.config import ModelConfig
 
-FAMILIES: dict[str, type[DiffusionModel]] = {cls.pipeline_class_name: cls for cls in (SDModel, SDXLModel, SD3Model)}
+FAMILIES: dict[str, type[DiffusionModel]] = {cls.pipeline_class_name: cls for cls in (SDModel, SDXLModel, SD3Model,
+                                                                                FluxModel)}
 
-__all__ = ["Cond", "DiffusionModel", "FAMILIES", "SD3Model", "SDModel", "SDXLModel", "detect_family", "load_model"]
+__all__ = ["Cond", "DiffusionModel", "FAMILIES", "FluxModel", "SD3Model", "SDModel", "SDXLModel", "detect_family", "load_model"]
 
 
 def detect_family(pretrained: str, revision: str | None = None) -> type[DiffusionModel]:

@@ -21,6 +21,8 @@ for the flow-matching families) is called. The contract:
     sampling_cond     prompts + image size -> Cond for generating whole (uncropped) images
     null_cond         n + image size -> the unconditional Cond classifier-free guidance pairs it with
     latent_shape      n + image size -> the shape of the initial noise to generate from
+    sampling_steps / scheduler_kwargs   the pipeline's sampler grid for a latent shape (family hook: FLUX's
+                      resolution-dependent shift); distilled_guidance: guidance is a network input (FLUX.1-dev)
     denoiser, ref_denoiser    the trained network and, for full fine-tuning, its frozen copy
     weights on disk   denoiser_folder ("unet"), lora_prefix ("unet"), denoiser_class(), load_denoiser(folder),
                       save_lora_file(directory, layers, metadata) through the pipeline's save_lora_weights
@@ -112,6 +114,7 @@ class DiffusionModel:
     denoiser_class_name: ClassVar[str] = "UNet2DConditionModel"   # the network; saved in and loaded from
     denoiser_folder: ClassVar[str] = "unet"                         # this pipeline subfolder, and LoRA keys
     lora_prefix: ClassVar[str] = "unet"                             # start with this prefix
+    distilled_guidance: ClassVar[bool] = False   # guidance is a network input (FLUX.1-dev), not classifier-free
 
     def __init__(self, denoiser: torch.nn.Module | None, vae: torch.nn.Module, text_encoders: list, tokenizers: list,
                  schedule: VPSchedule | FlowSchedule, source: str = "") -> None:
@@ -274,7 +277,15 @@ class DiffusionModel:
 
     def latent_shape(self, n: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
         f = self.latent_factor
-        return n, unwrap(self.denoiser).config.in_channels, size[0] // f, size[1] // f
+        return n, self.vae.config.latent_channels, size[0] // f, size[1] // f
+
+    def sampling_steps(self, num_steps: int, latent_shape: Sequence[int]) -> list[tuple]:
+        """The sampler's (t, t_next) pairs for latents of this shape, as the family's pipeline chooses them."""
+        return self.schedule.sampling_steps(num_steps)
+
+    def scheduler_kwargs(self, num_steps: int, latent_shape: Sequence[int]) -> dict[str, Any]:
+        """What the pipeline passes to its diffusers scheduler's set_timesteps besides the step count."""
+        return {}
 
     @property
     def latent_factor(self) -> int:

@@ -51,7 +51,7 @@ __all__ = ["FLOW_FAMILIES", "TINY_FAMILIES", "VP_FAMILIES", "build_tiny_pipeline
            "unet_config"]
 
 VP_FAMILIES = ("sd15", "sd2", "sdxl")
-FLOW_FAMILIES = ("sd3",)
+FLOW_FAMILIES = ("sd3", "flux")
 TINY_FAMILIES = (*VP_FAMILIES, *FLOW_FAMILIES)
 CLIP_VOCAB_SIZE = 49408
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
@@ -347,9 +347,26 @@ def _sd3_pipeline() -> DiffusionPipeline:
         text_encoder_3=_t5_encoder(joint), tokenizer_3=t5_tokenizer())
 
 
+def _flux_pipeline() -> DiffusionPipeline:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=TINY_TEXT_DIM, guidance_embeds=True,
+                                         axes_dims_rope=(2, 2, 4))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=_flow_vae(0.3611, 0.1159),
+                        text_encoder=_text_encoder(EOS_TOKEN, "quick_gelu"), tokenizer=clip_tokenizer(),
+                        text_encoder_2=_t5_encoder(32), tokenizer_2=t5_tokenizer())
+
+
 def _pipeline(family: str, prediction_type: str) -> DiffusionPipeline:
     if family == "sd3":
         return _sd3_pipeline()
+    if family == "flux":
+        return _flux_pipeline()
     spec = _family(family)
     common = {"vae": _vae(family), "unet": _unet(family), "scheduler": _scheduler(prediction_type)}
     if family == "sdxl":
@@ -379,8 +396,8 @@ def build_tiny_pipeline(
 ) -> Path:
     """Build a tiny random-weight ``family`` pipeline and ``save_pretrained`` it to ``path``.
 
-    ``family`` is ``sd15``, ``sd2``, ``sdxl`` or ``sd3``. ``prediction_type`` defaults to the family's
-    (``v_prediction`` for sd2, ``epsilon`` for the other VP families; ignored for the flow-matching sd3).
+    ``family`` is ``sd15``, ``sd2``, ``sdxl``, ``sd3`` or ``flux``. ``prediction_type`` defaults to the family's
+    (``v_prediction`` for sd2, ``epsilon`` for the other VP families; ignored for the flow-matching sd3 and flux).
     If ``path/model_index.json`` already exists the pipeline is not rebuilt
     unless ``overwrite``. Weights are drawn under ``torch.manual_seed(seed)`` inside ``fork_rng`` (the global RNG
     is left untouched). The save goes through a sibling temp dir, so an interrupted build leaves no partial
