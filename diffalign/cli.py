@@ -56,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "evaluate it against the base")
     demo.add_argument("--out", default="runs/demo", help="folder for the tiny model, data and run")
     demo.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
-    tiny = sub.add_parser("tiny", help="write a tiny pipeline: random weights (sd15, sd2, sdxl, sd3, flux) for tests, or the "
-                                       "trained toy base model (toy: SD 1.5 architecture, coloured shapes, 32 px)")
+    tiny = sub.add_parser("tiny", help="write a tiny pipeline: random weights (sd15, sd2, sdxl, sd3, flux) for tests, "
+                                       "or the trained toy base model (toy: SD 1.5 architecture, coloured shapes, "
+                                       "32 px)")
     tiny.add_argument("family", choices=["sd15", "sd2", "sdxl", "sd3", "flux", "toy"])
     tiny.add_argument("path")
     return parser

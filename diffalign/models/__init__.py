@@ -16,10 +16,11 @@ from diffalign.options import ConfigError
 if TYPE_CHECKING:
     from diffalign.config import ModelConfig
 
-FAMILIES: dict[str, type[DiffusionModel]] = {cls.pipeline_class_name: cls for cls in (SDModel, SDXLModel, SD3Model,
-                                                                                FluxModel)}
+FAMILIES: dict[str, type[DiffusionModel]] = {
+    cls.pipeline_class_name: cls for cls in (SDModel, SDXLModel, SD3Model, FluxModel)}
 
-__all__ = ["Cond", "DiffusionModel", "FAMILIES", "FluxModel", "SD3Model", "SDModel", "SDXLModel", "detect_family", "load_model"]
+__all__ = ["Cond", "DiffusionModel", "FAMILIES", "FluxModel", "SD3Model", "SDModel", "SDXLModel", "detect_family",
+           "load_model"]
 
 
 def detect_family(pretrained: str, revision: str | None = None) -> type[DiffusionModel]:
