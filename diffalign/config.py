@@ -68,6 +68,8 @@ class DataConfig:
     max_pairs: int | None = opt(None, "use only the first N pairs (after dropping ties)", ge=1)
     cache_dir: str | None = opt(None, "latent/text cache written by `diffalign cache`; used when set")
     cache_dtype: str = opt("float16", "dtype of cached tensors", ("float16", "float32", "bfloat16"))
+    offload_encoders: bool = opt(False, "with a cache, keep the VAE and text encoders on the CPU while training "
+                                        "(only in-training evaluation uses them), freeing accelerator memory")
     cache_batch_size: int = opt(8, "pairs read and VAE-encoded at a time by `diffalign cache` (host memory holds a "
                                    "few such batches of pixels and one shard of latents)", ge=1)
     cache_shard_pairs: int = opt(1024, "pairs per cache shard file; under a multi-process launch each process "

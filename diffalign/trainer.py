@@ -149,6 +149,11 @@ class Trainer:
             raise ConfigError(str(err)) from None
         self.params = make_trainable(self.model, cfg, self.method.needs_reference)
         self.data = open_training_data(cfg, self.model)
+        if cfg.data.offload_encoders:
+            if not cfg.data.cache_dir or self.method.data != "pairs":
+                raise ConfigError("data.offload_encoders needs a latent cache (data.cache_dir) and a pair method: "
+                                  "otherwise every step encodes images and prompts")
+            self.model.offload_encoders()
         if hasattr(self.data, "repeat_to"):          # a short prompt list still fills a global batch
             self.data.repeat_to(t.batch_size * self.acc.num_processes)
         self.optimizer = build_optimizer(cfg, self.params)

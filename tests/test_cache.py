@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffalign import cli
-from diffalign.config import load_config
+from diffalign.config import ConfigError, load_config
 from diffalign.data.cache import CachedPairs, CacheError, build_cache
 from diffalign.data.pairs import PreferencePairs
 from diffalign.data.toy import write_toy_pairs
@@ -149,3 +149,24 @@ def test_two_processes_write_one_cache(setup, tmp_path):
         torch.testing.assert_close(tensors[key], reference[key], atol=1e-5, rtol=1e-4)
     cfg = load_config("configs/tiny_dpo_sdxl.yaml", [*args, f"data.cache_dir={out}", "data.cache_shard_pairs=4"])
     assert len(CachedPairs(cfg)) == 10
+
+
+def test_offloaded_encoders_train_from_the_cache(setup, monkeypatch):
+    """data.offload_encoders: the run never calls the VAE or the text encoders (they stay on the CPU)."""
+    root, args = setup
+    from diffalign.models.base import DiffusionModel
+
+    def refuse(*a, **k):
+        raise AssertionError("an encoder ran while training from the cache")
+
+    from diffalign.models import SDXLModel
+
+    monkeypatch.setattr(DiffusionModel, "encode_images", refuse)
+    monkeypatch.setattr(SDXLModel, "encode_prompt", refuse)
+    code = cli.main(["train", "configs/tiny_dpo_sdxl.yaml", *args, "train.max_steps=2", "data.offload_encoders=true",
+                     "train.overwrite=true"])
+    assert code == 0
+    with pytest.raises(ConfigError, match="needs a latent cache"):
+        from diffalign.trainer import Trainer
+
+        Trainer(load_config("configs/tiny_dpo_sdxl.yaml", [*args, "data.cache_dir=null", "data.offload_encoders=true"]))

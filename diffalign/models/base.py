@@ -217,8 +217,9 @@ class DiffusionModel:
     def encode_images(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         """pixels [B,3,H,W] in [-1,1] -> (mean, std) [B,C,h,w] of the scaled latent distribution, fp32."""
         scale, shift = self._vae_scale
-        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        return (dist.mean.float() - shift) * scale, dist.std.float() * scale
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        mean, std = (dist.mean.float() - shift) * scale, dist.std.float() * scale
+        return mean.to(self.device), std.to(self.device)
 
     @staticmethod
     def sample_latents(mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -229,8 +230,14 @@ class DiffusionModel:
     def decode_latents(self, latents: Tensor) -> Tensor:
         """latents [B,C,h,w] -> images [B,3,H,W] in [0,1]; differentiable (no no_grad here)."""
         scale, shift = self._vae_scale
-        images = self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        images = self.vae.decode((latents / scale + shift).to(self.vae.device, self.vae.dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1).to(latents.device)
+
+    def offload_encoders(self) -> None:
+        """Keep the VAE and text encoders on the CPU (training from a cache never calls them; in-training
+        evaluation still works, more slowly): their accelerator memory goes to the denoiser."""
+        for module in (self.vae, *self.text_encoders):
+            module.to("cpu")
 
     # ------------------------------------------------------------------------------- denoiser
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
