@@ -19,3 +19,18 @@ def tiny_pipelines(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pipelines")
     return {fam: build_tiny_pipeline(fam, root / fam) for fam in ("sd15", "sd2", "sdxl", "sd3", "flux")}
+
+
+def poison_loss(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
+    """Make Diffusion-DPO's loss non-finite on its `at_call`-th call (1-based), to exercise the NaN guard."""
+    from diffalign.methods.dpo import DiffusionDPO
+
+    calls = {"n": 0}
+    original = DiffusionDPO.loss
+
+    def poisoned(self, model, batch):
+        calls["n"] += 1
+        loss, metrics = original(self, model, batch)
+        return (loss * float("nan"), metrics) if calls["n"] == at_call else (loss, metrics)
+
+    monkeypatch.setattr(DiffusionDPO, "loss", poisoned)

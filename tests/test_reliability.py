@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import poison_loss
 from safetensors.torch import load_file
 
 from diffalign import checkpoint as ckpt
 from diffalign import cli
 from diffalign.config import ConfigError, load_config
 from diffalign.data.toy import write_toy_pairs
-from diffalign.methods.dpo import DiffusionDPO
 from diffalign.trainer import Trainer
 
 BASE = ["train.batch_size=2", "train.lr=1e-3", "train.log_every=1", "train.report_to=none", "data.resolution=64",
@@ -299,15 +299,7 @@ def test_an_unreachable_hub_dataset_is_one_line(tmp_path, monkeypatch):
 
 def test_the_divergence_message_does_not_call_the_poisoned_checkpoint_good(tiny_pipelines, toy, tmp_path,
                                                                             monkeypatch, capsys):
-    calls = {"n": 0}
-    original = DiffusionDPO.loss
-
-    def poisoned(self, model, batch):
-        calls["n"] += 1
-        loss, metrics = original(self, model, batch)
-        return (loss * float("nan"), metrics) if calls["n"] == 3 else (loss, metrics)
-
-    monkeypatch.setattr(DiffusionDPO, "loss", poisoned)
+    poison_loss(monkeypatch, at_call=3)
     assert run(tiny_pipelines, toy, tmp_path / "run", "train.max_steps=5", "train.checkpoint_every=1") == 1
     err = capsys.readouterr().err
     assert "Last checkpoint: checkpoint-2, which holds the weights this step started from" in err

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import poison_loss
 from safetensors.torch import load_file
 
 from diffalign import cli
 from diffalign.config import load_config
 from diffalign.data.toy import write_toy_pairs
-from diffalign.methods.dpo import DiffusionDPO
 from diffalign.models.base import unwrap
 from diffalign.trainer import Trainer
 
@@ -109,15 +109,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_pipelines, toy, tmp_path):
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tiny_pipelines, toy, tmp_path, monkeypatch, capsys):
-    calls = {"n": 0}
-    original = DiffusionDPO.loss
-
-    def poisoned(self, model, batch):
-        calls["n"] += 1
-        loss, metrics = original(self, model, batch)
-        return (loss * float("nan"), metrics) if calls["n"] == 3 else (loss, metrics)
-
-    monkeypatch.setattr(DiffusionDPO, "loss", poisoned)
+    poison_loss(monkeypatch, at_call=3)
     out = tmp_path / "run"
     code = cli.main(["train", "configs/tiny_dpo_sdxl.yaml",
                      *overrides(tiny_pipelines, toy, out, "sdxl", "train.max_steps=5", "train.checkpoint_every=2")])

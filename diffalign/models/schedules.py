@@ -48,7 +48,22 @@ def gaussian_logprob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return logp.flatten(1).mean(1)
 
 
-class VPSchedule:
+class _Stochastic:
+    """What both schedules share: a stochastic step is a Gaussian around ``_step_mean_std``'s mean."""
+
+    def _step_mean_std(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor,
+                       eta: float) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def step_logprob(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float,
+                     noise: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_next, log p(x_next | x)) of a stochastic step (eta > 0), as DDPO and Flow-GRPO compute it."""
+        mean, std = self._step_mean_std(pred, x, t, t_next, eta)
+        x_next = mean + std * noise.float()
+        return x_next, gaussian_logprob(x_next, mean, std)
+
+
+class VPSchedule(_Stochastic):
     """Variance-preserving diffusion with the diffusers DDPM/DDIM conventions."""
 
     kind = "vp"
@@ -135,7 +150,7 @@ class VPSchedule:
         var = (1 - a_lo) / (1 - a_hi).clamp(min=1e-12) * (1 - a_hi / a_lo)
         return var.clamp(min=0).sqrt()
 
-    def _step_parts(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    def _step_mean_std(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
         t, t_next = torch.as_tensor(t, device=x.device), torch.as_tensor(t_next, device=x.device)
         eps, x0_hat = self.to_eps(pred, x, self.timestep(t)), self.to_x0(pred, x, t)   # pred was made at timestep(t)
         std = eta * self.posterior_std(t, t_next, x.ndim).to(x.device)
@@ -144,15 +159,8 @@ class VPSchedule:
     def step(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float = 0.0,
              noise: Tensor | None = None) -> Tensor:
         """One DDIM step from level t to t_next < t (DDIMScheduler.step with this eta and variance noise)."""
-        mean, std = self._step_parts(pred, x, t, t_next, eta)
+        mean, std = self._step_mean_std(pred, x, t, t_next, eta)
         return mean if noise is None or eta == 0 else mean + std * noise.float()
-
-    def step_logprob(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float,
-                     noise: Tensor) -> tuple[Tensor, Tensor]:
-        """(x_next, log p(x_next | x)) of a stochastic DDIM step (eta > 0), as DDPO computes it."""
-        mean, std = self._step_parts(pred, x, t, t_next, eta)
-        x_next = mean + std * noise.float()
-        return x_next, gaussian_logprob(x_next, mean, std)
 
     # ------------------------------------------------------------------------- inversion
     def inversion_levels(self, t: Tensor, num_steps: int) -> Tensor:
@@ -166,7 +174,7 @@ class VPSchedule:
         return self.step(pred, x, t, t_next, eta, noise)
 
 
-class FlowSchedule:
+class FlowSchedule(_Stochastic):
     """Rectified flow as in diffusers' FlowMatchEulerDiscreteScheduler: x_t = (1 - s) x0 + s noise, v = noise - x0."""
 
     kind = "flow"
@@ -251,7 +259,7 @@ class FlowSchedule:
         s_next = _view(torch.as_tensor(t_next), ndim).to(s.device)
         return eta * (s / (1 - torch.where(s >= 1, s_next, s))).sqrt()
 
-    def _sde_mean(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    def _step_mean_std(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
         s = _view(torch.as_tensor(t), x.ndim).to(x.device)
         dt = _view(torch.as_tensor(t_next), x.ndim).to(x.device) - s
         std_t = self.sde_std(t, t_next, eta, x.ndim).to(x.device)
@@ -266,14 +274,8 @@ class FlowSchedule:
             s = _view(torch.as_tensor(t), x.ndim).to(x.device)
             s_next = _view(torch.as_tensor(t_next), x.ndim).to(x.device)
             return x.float() + (s_next - s) * pred.float()
-        mean, std = self._sde_mean(pred, x, t, t_next, eta)
+        mean, std = self._step_mean_std(pred, x, t, t_next, eta)
         return mean + std * noise.float()
-
-    def step_logprob(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float,
-                     noise: Tensor) -> tuple[Tensor, Tensor]:
-        mean, std = self._sde_mean(pred, x, t, t_next, eta)
-        x_next = mean + std * noise.float()
-        return x_next, gaussian_logprob(x_next, mean, std)
 
     # ------------------------------------------------------------------------- inversion
     def inversion_levels(self, t: Tensor, num_steps: int) -> Tensor:
