@@ -57,9 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for the tiny model, data and run")
     demo.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
     tiny = sub.add_parser("tiny", help="write a tiny pipeline: random weights (sd15, sd2, sdxl, sd3, flux) for tests, "
-                                       "or the trained toy base model (toy: SD 1.5 architecture, coloured shapes, "
-                                       "32 px)")
-    tiny.add_argument("family", choices=["sd15", "sd2", "sdxl", "sd3", "flux", "toy"])
+                                       "or a trained toy base model (toy: SD 1.5 architecture; toy-flow: SD3 "
+                                       "architecture; coloured shapes, 32 px)")
+    tiny.add_argument("family", choices=["sd15", "sd2", "sdxl", "sd3", "flux", "toy", "toy-flow"])
     tiny.add_argument("path")
     return parser
 
@@ -71,9 +71,11 @@ def _run(args: argparse.Namespace) -> int:
         return run_demo(args.out, args.overrides)
     if args.command == "tiny":
         from diffalign.models.tiny import build_tiny_pipeline
-        from diffalign.models.toy import write_toy_pipeline
+        from diffalign.models.toy import write_toy_flow_pipeline, write_toy_pipeline
 
-        print(write_toy_pipeline(args.path) if args.family == "toy" else build_tiny_pipeline(args.family, args.path))
+        writers = {"toy": write_toy_pipeline, "toy-flow": write_toy_flow_pipeline}
+        write = writers.get(args.family) or (lambda path: build_tiny_pipeline(args.family, path))
+        print(write(args.path))
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.command == "relabel":

@@ -33,6 +33,8 @@ class ModelConfig:
     vae: str | None = opt(None, "separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
     variant: str | None = opt(None, "weights variant to load, e.g. fp16")
     revision: str | None = opt(None, "hub revision")
+    max_sequence_length: int | None = opt(None, "T5 tokens of SD3 / FLUX prompts (null = the pipeline's default: "
+                                                "256 for SD3, 512 for FLUX; fewer is faster)", ge=1)
     guidance: float = opt(3.5, "FLUX.1-dev's embedded guidance value during training (a network input, not "
                                "classifier-free guidance; FluxPipeline's default); other families ignore it", ge=0)
     vae_dtype: str = opt("float32", "VAE precision; SDXL's VAE overflows in float16 unless it is an fp16-fix VAE",

@@ -148,6 +148,8 @@ class DiffusionModel:
             raise ValueError(f"{src}: {err}") from None
         tokenizers, encoders = cls._load_text(src, cfg.variant, dtype, kw)
         model = cls(network, vae, encoders, tokenizers, schedule, source=src)
+        if cfg.max_sequence_length is not None and hasattr(cls, "max_sequence_length"):
+            model.max_sequence_length = cfg.max_sequence_length
         model.to(device)
         for module in model.modules():
             module.requires_grad_(False).eval()
