@@ -8,6 +8,8 @@ denoiser's precision.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -88,3 +90,67 @@ def _sample_step(model: DiffusionModel, x: Tensor, t: float, t_next: float, cond
     noise = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 else None
     level = torch.full((x.shape[0],), t, device=x.device)
     return model.schedule.step(pred, x, level, torch.full_like(level, t_next), eta, noise)
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+@dataclass
+class Trajectory:
+    """One batch of sampled trajectories, recorded for policy-gradient training (no autograd graph).
+
+    ``latents[k]`` is x before step k and ``latents[-1]`` the clean result ([S+1, B, ...]); ``steps[k]`` the
+    (t, t_next) of step k; ``stochastic[k]`` whether step k drew noise (only those have a log-probability);
+    ``log_probs[k]`` [B] the Gaussian log-probability of the move taken (0 where the step was deterministic).
+    """
+
+    latents: Tensor
+    steps: list[tuple]
+    stochastic: list[bool]
+    log_probs: Tensor
+    eta: float
+
+    @property
+    def final(self) -> Tensor:
+        return self.latents[-1]
+
+
+@torch.no_grad()
+def rollout(model: DiffusionModel, latents: Tensor, cond: Cond, num_steps: int, guidance_scale: float = 1.0,
+            uncond: Cond | None = None, eta: float = 1.0, window: tuple[int, int] | None = None,
+            generator: torch.Generator | None = None) -> Trajectory:
+    """Sample with the schedule's stochastic step and record what a GRPO/DDPO update needs.
+
+    Every step is stochastic (DDIM with eta on VP models, Flow-GRPO's SDE on flow models), or, with ``window``
+    = (first, stop), only the steps first..stop-1 (MixGRPO's window; the others take the deterministic step).
+    Runs without gradient in the model's precision; the arithmetic of each step is fp32.
+    """
+    steps = model.sampling_steps(num_steps, latents.shape)
+    first, stop = window if window is not None else (0, len(steps))
+    x = latents.float()
+    xs, log_probs, stochastic = [x], [], []
+    for k, (t, t_next) in enumerate(steps):
+        pred = guided_prediction(model, x, t, cond, uncond, guidance_scale)
+        level = torch.full((x.shape[0],), t, device=x.device)
+        level_next = torch.full_like(level, t_next)
+        noisy = first <= k < stop and eta > 0
+        if noisy:
+            noise = torch.randn(x.shape, generator=generator, device=x.device)
+            x, logp = model.schedule.step_logprob(pred, x, level, level_next, eta, noise)
+        else:
+            x, logp = model.schedule.step(pred, x, level, level_next), torch.zeros(x.shape[0], device=x.device)
+        xs.append(x)
+        log_probs.append(logp)
+        stochastic.append(noisy)
+    return Trajectory(torch.stack(xs), steps, stochastic, torch.stack(log_probs), eta)
+
+
+def step_logprob(model: DiffusionModel, trajectory: Trajectory, k: int, cond: Cond, uncond: Cond | None = None,
+                 guidance_scale: float = 1.0) -> Tensor:
+    """log p(x_{k+1} | x_k) [B] of recorded step k under the model's current weights, with gradient (the policy
+    ratio's numerator; with unchanged weights it equals the recorded value)."""
+    if not trajectory.stochastic[k]:
+        raise ValueError(f"step {k} of the trajectory was deterministic: it has no log-probability")
+    x, x_next = trajectory.latents[k], trajectory.latents[k + 1]
+    t, t_next = trajectory.steps[k]
+    pred = guided_prediction(model, x, t, cond, uncond, guidance_scale)
+    level = torch.full((x.shape[0],), t, device=x.device)
+    return model.schedule.logprob(pred, x, level, torch.full_like(level, t_next), trajectory.eta, x_next)

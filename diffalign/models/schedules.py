@@ -22,6 +22,7 @@ The contract (both classes):
                                      set_timesteps, so the grid and the last step are the pipeline's
     step(pred, x, t, t_next, eta, noise)          one sampler move (stochastic when eta > 0)
     step_logprob(pred, x, t, t_next, eta, noise)  the same move and the Gaussian log-probability of it
+    logprob(pred, x, t, t_next, eta, x_next)      that log-probability for a move already taken
     inversion_levels(t, num_steps)   [B, S+1] levels from clean up to t
     invert_step(pred, x, t, t_next, eta, noise)   one inversion move towards more noise
 
@@ -61,6 +62,12 @@ class _Stochastic:
         mean, std = self._step_mean_std(pred, x, t, t_next, eta)
         x_next = mean + std * noise.float()
         return x_next, gaussian_logprob(x_next, mean, std)
+
+    def logprob(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float, x_next: Tensor) -> Tensor:
+        """log p(x_next | x) under the step this prediction defines: what a policy-gradient update recomputes, with
+        gradient, for a step recorded in a rollout."""
+        mean, std = self._step_mean_std(pred, x, t, t_next, eta)
+        return gaussian_logprob(x_next, mean, std)
 
 
 class VPSchedule(_Stochastic):

@@ -1,0 +1,87 @@
+"""Rollouts for online methods: step log-probabilities against hand computations, recorded trajectories."""
+
+import math
+
+import pytest
+import torch
+
+from diffalign.config import LoraConfig, ModelConfig
+from diffalign.models import load_model
+from diffalign.models.lora import add_lora
+from diffalign.models.schedules import FlowSchedule, VPSchedule
+from diffalign.sampling import rollout, step_logprob
+
+SD_DDIM = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+           "beta_schedule": "scaled_linear", "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}
+
+
+def gaussian(x, mean, std):
+    return (-((x - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
+
+
+def test_vp_step_logprob_is_ddpos_formula():
+    """DDPO: x0 = (x - sqrt(1-a) eps)/sqrt(a); sigma = eta sqrt((1-a')/(1-a) (1-a/a')); mean = sqrt(a') x0 +
+    sqrt(1-a'-sigma^2) eps; log-prob = Gaussian density, mean over latent dims."""
+    schedule = VPSchedule(SD_DDIM)
+    gen = torch.Generator().manual_seed(0)
+    x, eps, x_next = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+    eta, a, a_prev = 0.8, schedule.alphas_cumprod[500].item(), schedule.alphas_cumprod[480].item()
+    x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+    mean = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * eps
+    ours = schedule.logprob(eps, x, torch.tensor([500, 500]), torch.tensor([480, 480]), eta, x_next)
+    torch.testing.assert_close(ours, gaussian(x_next, mean, sigma), atol=1e-5, rtol=1e-5)
+
+
+def test_flow_step_logprob_is_flow_grpos_formula():
+    """Flow-GRPO: dt = s' - s; std_t = a sqrt(s/(1-s)); mean = x (1 + std_t^2 dt / (2 s)) + v (1 + std_t^2 (1-s) /
+    (2 s)) dt; the step's std is std_t sqrt(-dt)."""
+    schedule = FlowSchedule({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                             "shift": 3.0})
+    gen = torch.Generator().manual_seed(1)
+    x, v, x_next = (torch.randn(2, 16, 4, 4, generator=gen) for _ in range(3))
+    s, s_next, a = 0.6, 0.5, 0.7
+    dt = s_next - s
+    std_t = a * math.sqrt(s / (1 - s))
+    mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
+    ours = schedule.logprob(v, x, torch.tensor([s, s]), torch.tensor([s_next, s_next]), a, x_next)
+    torch.testing.assert_close(ours, gaussian(x_next, mean, std_t * math.sqrt(-dt)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module", params=["sd15", "sd3"])
+def policy(request, tiny_pipelines):
+    model = load_model(ModelConfig(pretrained=str(tiny_pipelines[request.param])))
+    params = add_lora(model.denoiser, LoraConfig(rank=4))
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_a_rollout_records_steps_whose_log_probs_the_update_recomputes(policy):
+    size, n = (64, 64), 2
+    cond = policy.sampling_cond(["a red circle", "a blue square"], size)
+    uncond = policy.null_cond(n, size)
+    latents = torch.randn(policy.latent_shape(n, size), generator=torch.Generator().manual_seed(0))
+    traj = rollout(policy, latents, cond, 4, 3.0, uncond, eta=0.7, generator=torch.Generator().manual_seed(1))
+    assert traj.latents.shape == (5, *latents.shape) and traj.log_probs.shape == (4, n)
+    assert all(traj.stochastic) and not traj.latents.requires_grad and torch.isfinite(traj.log_probs).all()
+    for k in range(4):                       # same weights: ratio exactly 1 (up to float order), with gradient
+        logp = step_logprob(policy, traj, k, cond, uncond, 3.0)
+        assert logp.requires_grad
+        torch.testing.assert_close(logp.detach(), traj.log_probs[k], atol=1e-4, rtol=1e-5)
+    again = rollout(policy, latents, cond, 4, 3.0, uncond, eta=0.7, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again.latents, traj.latents)                                   # seeded: reproducible
+
+
+def test_a_window_makes_only_its_steps_stochastic(policy):
+    size = (64, 64)
+    cond = policy.sampling_cond(["a red circle"], size)
+    latents = torch.randn(policy.latent_shape(1, size), generator=torch.Generator().manual_seed(0))
+    traj = rollout(policy, latents, cond, 6, eta=0.7, window=(2, 4), generator=torch.Generator().manual_seed(1))
+    assert traj.stochastic == [False, False, True, True, False, False]
+    assert (traj.log_probs[[0, 1, 4, 5]] == 0).all() and (traj.log_probs[[2, 3]] != 0).all()
+    with pytest.raises(ValueError, match="deterministic"):
+        step_logprob(policy, traj, 0, cond)
+    plain = rollout(policy, latents, cond, 6, eta=0.0)
+    assert not any(plain.stochastic)
