@@ -83,3 +83,30 @@ def mapo(err_w: Tensor, err_l: Tensor, beta: float, s: float = 0.5,
 
 
 __all__ = ["diffusion_dpo", "mapo", "mapo_link", "per_sample_mse"]
+
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """GRPO's advantages (Flow-GRPO, DanceGRPO): (r - mean) / (std + eps) within each prompt's group.
+
+    ``rewards`` [P * G] are laid out group by group (the G images of prompt 0, then of prompt 1, ...); the std is
+    the population std of the group, as flow_grpo computes it with numpy.
+    """
+    r = rewards.float().view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)).flatten()
+
+
+def clipped_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor,
+                        clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped objective as DDPO and Flow-GRPO use it, per step of the trajectory.
+
+        ratio = exp(logp - logp_old);  loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
+
+    With unchanged weights ratio = 1 and the gradient is the plain policy gradient -A * grad(logp).
+    """
+    ratio = torch.exp(logp.float() - logp_old.float())
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    metrics = {"ratio": ratio.mean().detach(),
+               "clip_fraction": ((ratio - 1).abs() > clip_range).float().mean().detach()}
+    return loss, metrics

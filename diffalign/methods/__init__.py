@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from diffalign.methods.alignprop import AlignProp
 from diffalign.methods.dpo import DiffusionDPO
+from diffalign.methods.grpo import GRPO
 from diffalign.methods.inpo import DDIMInPO
 from diffalign.methods.mapo import MaPO
 from diffalign.options import ConfigError
@@ -16,6 +17,7 @@ METHODS: dict[str, type] = {
     "mapo": MaPO,
     "inpo": DDIMInPO,
     "alignprop": AlignProp,
+    "grpo": GRPO,
 }
 
 

@@ -23,6 +23,7 @@ The contract (both classes):
     step(pred, x, t, t_next, eta, noise)          one sampler move (stochastic when eta > 0)
     step_logprob(pred, x, t, t_next, eta, noise)  the same move and the Gaussian log-probability of it
     logprob(pred, x, t, t_next, eta, x_next)      that log-probability for a move already taken
+    step_mean_std(pred, x, t, t_next, eta)        the Gaussian of a stochastic step (for KL terms)
     inversion_levels(t, num_steps)   [B, S+1] levels from clean up to t
     invert_step(pred, x, t, t_next, eta, noise)   one inversion move towards more noise
 
@@ -50,23 +51,23 @@ def gaussian_logprob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 class _Stochastic:
-    """What both schedules share: a stochastic step is a Gaussian around ``_step_mean_std``'s mean."""
+    """What both schedules share: a stochastic step is the Gaussian ``step_mean_std`` describes."""
 
-    def _step_mean_std(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor,
+    def step_mean_std(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor,
                        eta: float) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def step_logprob(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float,
                      noise: Tensor) -> tuple[Tensor, Tensor]:
         """(x_next, log p(x_next | x)) of a stochastic step (eta > 0), as DDPO and Flow-GRPO compute it."""
-        mean, std = self._step_mean_std(pred, x, t, t_next, eta)
+        mean, std = self.step_mean_std(pred, x, t, t_next, eta)
         x_next = mean + std * noise.float()
         return x_next, gaussian_logprob(x_next, mean, std)
 
     def logprob(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float, x_next: Tensor) -> Tensor:
         """log p(x_next | x) under the step this prediction defines: what a policy-gradient update recomputes, with
         gradient, for a step recorded in a rollout."""
-        mean, std = self._step_mean_std(pred, x, t, t_next, eta)
+        mean, std = self.step_mean_std(pred, x, t, t_next, eta)
         return gaussian_logprob(x_next, mean, std)
 
 
@@ -157,7 +158,7 @@ class VPSchedule(_Stochastic):
         var = (1 - a_lo) / (1 - a_hi).clamp(min=1e-12) * (1 - a_hi / a_lo)
         return var.clamp(min=0).sqrt()
 
-    def _step_mean_std(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    def step_mean_std(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
         t, t_next = torch.as_tensor(t, device=x.device), torch.as_tensor(t_next, device=x.device)
         eps, x0_hat = self.to_eps(pred, x, self.timestep(t)), self.to_x0(pred, x, t)   # pred was made at timestep(t)
         std = eta * self.posterior_std(t, t_next, x.ndim).to(x.device)
@@ -166,7 +167,7 @@ class VPSchedule(_Stochastic):
     def step(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float = 0.0,
              noise: Tensor | None = None) -> Tensor:
         """One DDIM step from level t to t_next < t (DDIMScheduler.step with this eta and variance noise)."""
-        mean, std = self._step_mean_std(pred, x, t, t_next, eta)
+        mean, std = self.step_mean_std(pred, x, t, t_next, eta)
         return mean if noise is None or eta == 0 else mean + std * noise.float()
 
     # ------------------------------------------------------------------------- inversion
@@ -266,7 +267,7 @@ class FlowSchedule(_Stochastic):
         s_next = _view(torch.as_tensor(t_next), ndim).to(s.device)
         return eta * (s / (1 - torch.where(s >= 1, s_next, s))).sqrt()
 
-    def _step_mean_std(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    def step_mean_std(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
         s = _view(torch.as_tensor(t), x.ndim).to(x.device)
         dt = _view(torch.as_tensor(t_next), x.ndim).to(x.device) - s
         std_t = self.sde_std(t, t_next, eta, x.ndim).to(x.device)
@@ -281,7 +282,7 @@ class FlowSchedule(_Stochastic):
             s = _view(torch.as_tensor(t), x.ndim).to(x.device)
             s_next = _view(torch.as_tensor(t_next), x.ndim).to(x.device)
             return x.float() + (s_next - s) * pred.float()
-        mean, std = self._step_mean_std(pred, x, t, t_next, eta)
+        mean, std = self.step_mean_std(pred, x, t, t_next, eta)
         return mean + std * noise.float()
 
     # ------------------------------------------------------------------------- inversion
