@@ -129,3 +129,36 @@ def test_grpo_trains_from_the_cli_with_a_non_differentiable_reward(family, tiny_
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["ratio"] == pytest.approx(1.0, abs=1e-4) and "kl" in r and r["grad_norm"] > 0 for r in rows)
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_rollouts_hold_no_graph_and_the_update_keeps_about_a_latent_per_trained_step(policy):
+    """Memory: sampling records plain tensors; each trained step's checkpointed log-probability keeps roughly
+    its inputs, not the denoiser's activations."""
+    size, n = (64, 64), 2
+    cond = policy.sampling_cond(["a red circle", "a blue square"], size)
+    latents = torch.randn(policy.latent_shape(n, size), generator=torch.Generator().manual_seed(0))
+    saved = []
+
+    def count(fn):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        saved.append(total[0])
+        return out
+
+    traj = count(lambda: rollout(policy, latents, cond, 6, eta=0.7, generator=torch.Generator().manual_seed(1)))
+    assert saved[-1] == 0
+    check = lambda k: torch.utils.checkpoint.checkpoint(step_logprob, policy, traj, k, cond, use_reentrant=False)
+    one = count(lambda: check(0))
+    three = count(lambda: sum(check(k) for k in range(3)))
+    per_step = (saved[-1] - saved[-2]) / 2
+    latent_bytes = latents.numel() * 4
+    assert per_step <= 4 * latent_bytes + 4096           # inputs and a few scalars, never activations
+    unchecked = count(lambda: step_logprob(policy, traj, 0, cond))
+    assert saved[-1] > 20 * per_step                     # the measurement does see activations without it
+    assert one.requires_grad and three.requires_grad and unchecked.requires_grad
