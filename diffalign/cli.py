@@ -1,4 +1,4 @@
-"""Command line: ``diffalign train | cache | relabel | sample | eval | demo | tiny``; ``main(argv)`` for tests."""
+"""Command line: ``diffalign train | cache | relabel | pairs | sample | eval | demo | tiny``; ``main(argv)``."""
 
 from __future__ import annotations
 
@@ -52,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
                          help="a reward name, or a YAML mapping such as '{name: pickscore, model_name: /w/pickscore}'")
     relabel.add_argument("--out", required=True, help="folder for pairs.jsonl and images/")
     relabel.add_argument("--margin", type=float, default=0.0, help="flip only when the loser wins by more than this")
+    pairs = sub.add_parser("pairs", help="on-policy preference pairs: sample --samples images per prompt of "
+                                          "data.prompts, score them, write the best and worst of each as a "
+                                          "Pick-a-Pic-schema parquet that DPO, MaPO and InPO train on",
+                           epilog=_options_epilog(), formatter_class=fmt)
+    pairs.add_argument("config", help="YAML config (data.prompts, model.*, eval.* sampler settings)")
+    pairs.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+    pairs.add_argument("--reward", required=True, help="a reward name or a YAML mapping, as for relabel")
+    pairs.add_argument("--out", required=True, help="folder for train-00000.parquet")
+    pairs.add_argument("--samples", type=int, default=8, help="images per prompt (seeds --seed .. --seed+N-1)")
+    pairs.add_argument("--seed", type=int, default=0, help="first seed")
+    pairs.add_argument("--weights", help="sample these weights instead of the base: a LoRA, full or run folder")
+    pairs.add_argument("--margin", type=float, default=0.0, help="no pair when best - worst <= this")
     demo = sub.add_parser("demo", help="train Diffusion-DPO on the shipped toy base model and generated pairs, then "
                                        "evaluate it against the base")
     demo.add_argument("--out", default="runs/demo", help="folder for the tiny model, data and run")
@@ -80,6 +92,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.command == "relabel":
         return _relabel(cfg, args)
+    if args.command == "pairs":
+        return _pairs(cfg, args)
     if args.command in ("sample", "eval"):
         return _evaluate(cfg, args.command)
     if args.command == "cache":
@@ -97,19 +111,34 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _relabel(cfg, args: argparse.Namespace) -> int:
-    import yaml
-
     from diffalign.relabel import relabel
-    from diffalign.rewards import reward_from_config
 
-    try:
-        reward = reward_from_config(yaml.safe_load(args.reward))
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"--reward: {err}") from None
+    reward = _reward(args.reward)
     counts = relabel(cfg.data, reward, args.out, args.margin)
     print(f"{counts['pairs']} pairs scored with {reward.name}, {counts['flipped']} flipped, {counts['skipped']} "
           f"skipped -> {args.out}/pairs.jsonl")
     return 0
+
+
+def _pairs(cfg, args: argparse.Namespace) -> int:
+    from diffalign.onpolicy import generate_pairs
+
+    reward = _reward(args.reward)
+    counts = generate_pairs(cfg, reward, args.out, args.samples, args.weights, args.margin, args.seed)
+    print(f"{counts['prompts']} prompts x {args.samples} samples scored with {reward.name}: {counts['pairs']} pairs, "
+          f"{counts['ties']} prompts without a margin -> {args.out}/train-00000.parquet (data.path={args.out})")
+    return 0
+
+
+def _reward(spec: str):
+    import yaml
+
+    from diffalign.rewards import reward_from_config
+
+    try:
+        return reward_from_config(yaml.safe_load(spec))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"--reward: {err}") from None
 
 
 def _evaluate(cfg, command: str) -> int:

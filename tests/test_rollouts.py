@@ -162,3 +162,23 @@ def test_rollouts_hold_no_graph_and_the_update_keeps_about_a_latent_per_trained_
     unchecked = count(lambda: step_logprob(policy, traj, 0, cond))
     assert saved[-1] > 20 * per_step                     # the measurement does see activations without it
     assert one.requires_grad and three.requires_grad and unchecked.requires_grad
+
+
+def test_on_policy_pairs_are_written_in_the_pickapic_schema_and_train(tiny_pipelines, tmp_path, capsys):
+    """diffalign pairs: N samples per prompt, best vs worst by the reward; DPO then trains on the folder."""
+    import pyarrow.parquet as pq
+
+    from diffalign import cli
+
+    out = tmp_path / "pairs"
+    common = [f"model.pretrained={tiny_pipelines['sd15']}", "eval.num_steps=3", "eval.batch_size=2",
+              "data.prompts=[a red circle, a blue square]"]
+    assert cli.main(["pairs", "configs/tiny_dpo_sd15.yaml", *common, "--reward", "brightness", "--out", str(out),
+                     "--samples", "3"]) == 0
+    assert "2 pairs" in capsys.readouterr().out
+    table = pq.read_table(out / "train-00000.parquet").to_pydict()
+    assert table["caption"] == ["a red circle", "a blue square"] and table["label_0"] == [1.0, 1.0]
+    assert all(b > w for b, w in zip(table["score_0"], table["score_1"], strict=True))
+    assert cli.main(["train", "configs/tiny_dpo_sd15.yaml", f"model.pretrained={tiny_pipelines['sd15']}",
+                     f"data.path={out}", f"output_dir={tmp_path / 'run'}", "data.resolution=64",
+                     "train.batch_size=2", "train.max_steps=1"]) == 0

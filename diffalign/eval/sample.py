@@ -107,9 +107,13 @@ class Sampler:
         self.made = 0
 
     def images(self, jobs: list[Job]) -> torch.Tensor:
+        return self.images_for([j.prompt for j in jobs], [j.seed for j in jobs])
+
+    def images_for(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """[B,3,H,W] in [0,1] with the evaluation's sampler settings."""
         e = self.cfg.eval
-        return generate(self.model, self.scheduler, [j.prompt for j in jobs], [j.seed for j in jobs], self.size,
-                        e.num_steps, e.guidance_scale, e.negative_prompt, e.eta)
+        return generate(self.model, self.scheduler, prompts, seeds, self.size, e.num_steps, e.guidance_scale,
+                        e.negative_prompt, e.eta)
 
     def run(self, folder: Path, jobs: list[Job], ckpt: Checkpoint | None, bar: tqdm, workers: Workers) -> None:
         if workers.is_main:
