@@ -182,3 +182,30 @@ def test_on_policy_pairs_are_written_in_the_pickapic_schema_and_train(tiny_pipel
     assert cli.main(["train", "configs/tiny_dpo_sd15.yaml", f"model.pretrained={tiny_pipelines['sd15']}",
                      f"data.path={out}", f"output_dir={tmp_path / 'run'}", "data.resolution=64",
                      "train.batch_size=2", "train.max_steps=1"]) == 0
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_raft_trains_on_each_groups_best_samples(family, tiny_pipelines, tmp_path):
+    import json
+
+    from diffalign import cli
+    from diffalign.config import ConfigError, load_config
+    from diffalign.methods.raft import RAFT
+
+    model = load_model(ModelConfig(pretrained=str(tiny_pipelines[family])))
+    raft = RAFT(reward="brightness", group_size=3, keep=1, num_steps=2, guidance_scale=1.0)
+    torch.manual_seed(0)
+    x0, prompts, rewards = raft.best_samples(model, ["a red circle", "a blue square"], (64, 64))
+    assert prompts == ["a red circle", "a blue square"] and x0.shape == model.latent_shape(2, (64, 64))
+    again = raft.reward_fn(model.decode_latents(x0), prompts)
+    torch.testing.assert_close(again, rewards.view(2, 3).max(1).values, atol=1e-5, rtol=1e-5)   # the best ones
+    out, config = tmp_path / "run", tmp_path / "raft.yaml"
+    text = open("configs/tiny_grpo_sd15.yaml").read()
+    config.write_text(text[: text.index("method:")] + "method:\n  name: raft\n")     # the same run, RAFT's method
+    assert cli.main(["train", str(config), f"model.pretrained={tiny_pipelines[family]}", f"output_dir={out}",
+                     "method.reward=brightness", "method.group_size=2", "method.num_steps=2",
+                     "method.guidance_scale=1.0", "train.max_steps=2"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["reward_kept"] >= r["reward"] for r in rows)
+    with pytest.raises(ConfigError, match="must be below method.group_size"):
+        load_config(None, ["method.name=raft", "method.keep=4", "method.group_size=4"])

@@ -10,6 +10,7 @@ from diffalign.methods.dpo import DiffusionDPO
 from diffalign.methods.grpo import GRPO
 from diffalign.methods.inpo import DDIMInPO
 from diffalign.methods.mapo import MaPO
+from diffalign.methods.raft import RAFT
 from diffalign.options import ConfigError
 
 METHODS: dict[str, type] = {
@@ -18,6 +19,7 @@ METHODS: dict[str, type] = {
     "inpo": DDIMInPO,
     "alignprop": AlignProp,
     "grpo": GRPO,
+    "raft": RAFT,
 }
 
 
