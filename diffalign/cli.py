@@ -1,4 +1,4 @@
-"""Command line: ``diffalign train | cache | relabel | pairs | sample | eval | demo | tiny``; ``main(argv)``."""
+"""Command line: ``diffalign train | cache | relabel | pairs | iterate | sample | eval | demo | tiny``."""
 
 from __future__ import annotations
 
@@ -64,6 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     pairs.add_argument("--seed", type=int, default=0, help="first seed")
     pairs.add_argument("--weights", help="sample these weights instead of the base: a LoRA, full or run folder")
     pairs.add_argument("--margin", type=float, default=0.0, help="no pair when best - worst <= this")
+    it = sub.add_parser("iterate", help="online / iterative DPO: rounds of on-policy pairs from the latest model "
+                                        "and a run of the configured pair method on them", epilog=_options_epilog(),
+                        formatter_class=fmt)
+    it.add_argument("config", help="YAML config of the pair method (data.prompts, model.*, eval.* sampler settings)")
+    it.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+    it.add_argument("--reward", required=True, help="a reward name or a YAML mapping")
+    it.add_argument("--iterations", type=int, default=3, help="rounds of pairs + training")
+    it.add_argument("--samples", type=int, default=8, help="images per prompt per round")
+    it.add_argument("--margin", type=float, default=0.0, help="no pair when best - worst <= this")
     demo = sub.add_parser("demo", help="train Diffusion-DPO on the shipped toy base model and generated pairs, then "
                                        "evaluate it against the base")
     demo.add_argument("--out", default="runs/demo", help="folder for the tiny model, data and run")
@@ -94,6 +103,12 @@ def _run(args: argparse.Namespace) -> int:
         return _relabel(cfg, args)
     if args.command == "pairs":
         return _pairs(cfg, args)
+    if args.command == "iterate":
+        from diffalign.onpolicy import iterate
+
+        for k, final in enumerate(iterate(cfg, _reward(args.reward), args.samples, args.iterations, args.margin), 1):
+            print(f"round {k}: {final}")
+        return 0
     if args.command in ("sample", "eval"):
         return _evaluate(cfg, args.command)
     if args.command == "cache":

@@ -81,3 +81,31 @@ def generate_pairs(cfg: Config, reward: Any, out: str | Path, samples: int, weig
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def iterate(cfg: Config, reward: Any, samples: int, iterations: int, margin: float = 0.0) -> list[Path]:
+    """Online (iterative) DPO: ``iterations`` rounds of on-policy pairs from the latest model, then a run of the
+    configured pair method on them, each round's LoRA starting from the previous one (``lora.init_from``; the
+    reference stays the base model). Round k lives in ``output_dir/round-k`` (pairs/ and the run); returns the
+    final weights of every round."""
+    import dataclasses
+
+    from diffalign.config import build_config, to_dict
+    from diffalign.trainer import train
+
+    if iterations < 1:
+        raise ValueError(f"--iterations = {iterations} must be at least 1")
+    root, finals, previous = Path(cfg.output_dir), [], None
+    for k in range(1, iterations + 1):
+        folder = root / f"round-{k}"
+        raw = to_dict(cfg)
+        raw["data"].update(path=str(folder / "pairs"), format="pickapic")
+        raw["lora"]["init_from"] = str(previous) if previous else cfg.lora.init_from
+        raw["output_dir"], raw["name"] = str(folder), f"{cfg.name}-round-{k}"
+        round_cfg = build_config(raw, f"<round {k}>")
+        generate_pairs(dataclasses.replace(round_cfg), reward, folder / "pairs", samples,
+                       weights=str(previous) if previous else None, margin=margin, seed=(k - 1) * samples)
+        previous = train(round_cfg)
+        finals.append(previous)
+        log.info("round %d of %d: %s", k, iterations, previous)
+    return finals

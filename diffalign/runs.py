@@ -39,6 +39,7 @@ APPLIED = ("train.lr", "train.max_steps", "train.lr_scheduler", "train.warmup_st
 SCHEDULE = ("train.lr", "train.max_steps", "train.lr_scheduler", "train.warmup_steps")
 SILENT = ("name", "output_dir", "train.resume", "train.overwrite", "train.checkpoint_every", "train.keep_last",
           "train.log_every", "train.report_to", "train.gradient_checkpointing", "data.num_workers", "lora.init",
+          "lora.init_from",
           "eval.")
 
 

@@ -148,6 +148,11 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.params = make_trainable(self.model, cfg, self.method.needs_reference)
+        if cfg.lora.init_from:
+            if not cfg.lora.enabled:
+                raise ConfigError("lora.init_from starts LoRA adapters; it needs lora.enabled=true")
+            load_lora(self.model, cfg.lora.init_from)
+            log.info("LoRA adapters start from %s", cfg.lora.init_from)
         self.data = open_training_data(cfg, self.model)
         if cfg.data.offload_encoders:
             if not cfg.data.cache_dir or self.method.data != "pairs":

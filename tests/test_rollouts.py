@@ -209,3 +209,47 @@ def test_raft_trains_on_each_groups_best_samples(family, tiny_pipelines, tmp_pat
     assert [r["step"] for r in rows] == [1, 2] and all(r["reward_kept"] >= r["reward"] for r in rows)
     with pytest.raises(ConfigError, match="must be below method.group_size"):
         load_config(None, ["method.name=raft", "method.keep=4", "method.group_size=4"])
+
+
+def test_iterative_dpo_rounds_start_from_the_previous_lora(tiny_pipelines, tmp_path, capsys):
+    """diffalign iterate: round 2 samples its pairs from round 1's LoRA and its adapters start from it."""
+    from safetensors.torch import load_file
+
+    from diffalign import cli
+
+    out = tmp_path / "online"
+    assert cli.main(["iterate", "configs/tiny_dpo_sd15.yaml", f"model.pretrained={tiny_pipelines['sd15']}",
+                     f"output_dir={out}", "eval.num_steps=3", "eval.batch_size=3", "data.resolution=64",
+                     "data.prompts=[a red circle, a blue square]", "train.batch_size=2", "train.max_steps=2",
+                     "train.checkpoint_every=0", "--reward", "brightness", "--samples", "3", "--iterations",
+                     "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "round 1:" in printed and "round 2:" in printed
+    one = load_file(out / "round-1" / "final" / "pytorch_lora_weights.safetensors")
+    two = load_file(out / "round-2" / "final" / "pytorch_lora_weights.safetensors")
+    assert one.keys() == two.keys() and any(not torch.equal(one[k], two[k]) for k in one)
+    config = (out / "round-2" / "config.yaml").read_text()
+    assert f"init_from: {out / 'round-1' / 'final'}" in config and (out / "round-2" / "pairs").is_dir()
+
+
+def test_lora_init_from_loads_the_given_adapters(tiny_pipelines, tmp_path):
+    from safetensors.torch import load_file
+
+    from diffalign import cli
+    from diffalign.config import load_config
+    from diffalign.models.lora import lora_state_dict
+    from diffalign.trainer import Trainer
+
+    first = tmp_path / "first"
+    common = [f"model.pretrained={tiny_pipelines['sd15']}", "data.resolution=64", "data.prompts=[a, b]",
+              "train.batch_size=2", "method.name=raft", "method.reward=brightness", "method.group_size=2",
+              "method.num_steps=2", "method.guidance_scale=1.0"]
+    config = tmp_path / "raft.yaml"
+    text = open("configs/tiny_grpo_sd15.yaml").read()
+    config.write_text(text[: text.index("method:")])
+    assert cli.main(["train", str(config), *common, f"output_dir={first}", "train.max_steps=1"]) == 0
+    trainer = Trainer(load_config(config, [*common, f"output_dir={tmp_path / 'second'}",
+                                           f"lora.init_from={first / 'final'}"]))
+    saved = load_file(first / "final" / "pytorch_lora_weights.safetensors")
+    live = lora_state_dict(trainer.model.denoiser)
+    assert len(live) == len(saved) and all(torch.equal(live[k].float(), saved["unet." + k]) for k in live)
