@@ -306,6 +306,22 @@ def _check_range(value: Any, meta: Any, source: str, key: str) -> None:
         raise ConfigError(f"{source}: `{key}` = {value!r} is out of range (must be {allowed})")
 
 
+def field_problems(section: Any, prefix: str) -> list[str]:
+    """The choice and range violations of a config dataclass built in code (not through ``load_config``, which
+    checks each key as it reads it): one message per field at fault, naming ``prefix + name``."""
+    problems = []
+    for f in dataclasses.fields(section):
+        value, choices = getattr(section, f.name), f.metadata.get("choices")
+        if choices and value not in choices:
+            problems.append(f"`{prefix}{f.name}` = {value!r} is not one of {', '.join(choices)}")
+            continue
+        try:
+            _check_range(value, f.metadata, "", prefix + f.name)
+        except ConfigError as err:
+            problems.append(str(err).removeprefix(": "))
+    return problems
+
+
 def _union_args(hint: Any) -> tuple:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return typing.get_args(hint)

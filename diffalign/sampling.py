@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from diffalign.models.base import Cond, DiffusionModel
+from diffalign.models.schedules import gaussian_logprob
 
 
 def guidance_on(guidance_scale: float, model: DiffusionModel | None = None) -> bool:
@@ -143,14 +144,22 @@ def rollout(model: DiffusionModel, latents: Tensor, cond: Cond, num_steps: int, 
     return Trajectory(torch.stack(xs), steps, stochastic, torch.stack(log_probs), eta)
 
 
-def step_logprob(model: DiffusionModel, trajectory: Trajectory, k: int, cond: Cond, uncond: Cond | None = None,
-                 guidance_scale: float = 1.0) -> Tensor:
-    """log p(x_{k+1} | x_k) [B] of recorded step k under the model's current weights, with gradient (the policy
-    ratio's numerator; with unchanged weights it equals the recorded value)."""
+def step_gaussian(model: DiffusionModel, trajectory: Trajectory, k: int, cond: Cond, uncond: Cond | None = None,
+                  guidance_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(log p(x_{k+1} | x_k) [B], mean, std) of recorded step k under the model's current weights, with gradient,
+    from one (guided) denoiser call: the policy ratio's numerator, and the Gaussian a KL term compares."""
     if not trajectory.stochastic[k]:
         raise ValueError(f"step {k} of the trajectory was deterministic: it has no log-probability")
     x, x_next = trajectory.latents[k], trajectory.latents[k + 1]
     t, t_next = trajectory.steps[k]
     pred = guided_prediction(model, x, t, cond, uncond, guidance_scale)
     level = torch.full((x.shape[0],), t, device=x.device)
-    return model.schedule.logprob(pred, x, level, torch.full_like(level, t_next), trajectory.eta, x_next)
+    mean, std = model.schedule.step_mean_std(pred, x, level, torch.full_like(level, t_next), trajectory.eta)
+    return gaussian_logprob(x_next, mean, std), mean, std
+
+
+def step_logprob(model: DiffusionModel, trajectory: Trajectory, k: int, cond: Cond, uncond: Cond | None = None,
+                 guidance_scale: float = 1.0) -> Tensor:
+    """log p(x_{k+1} | x_k) [B] of recorded step k under the current weights (with unchanged weights it equals
+    the recorded value)."""
+    return step_gaussian(model, trajectory, k, cond, uncond, guidance_scale)[0]

@@ -284,7 +284,7 @@ class Trainer:
         self.save_weights(directory)
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
         torch.save(self.lr_scheduler.state_dict(), directory / "scheduler.pt")
-        finite = all(bool(torch.isfinite(p.detach()).all()) for p in self.params)
+        finite = bool(torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all())   # one sync
         ckpt.write_state(directory, {"step": self.step, "num_processes": self.acc.num_processes,
                                      "weights_finite": finite, "config": to_dict(self.cfg)})
 
@@ -296,10 +296,22 @@ class Trainer:
                                                         safe_serialization=True)
         dump_config(self.cfg, directory / "config.yaml")
 
-    def resume(self, path: Path | None = None) -> None:
-        """Continue from a verified checkpoint (default: the one train.resume names): weights, optimizer,
-        schedule, RNG and data position."""
-        path = path or ckpt.resolve_resume(self.out, self.cfg.train.resume)
+    def resume(self) -> None:
+        """Continue from the checkpoint train.resume names (verified): weights, optimizer, schedule, RNG, data."""
+        self._resume_from(self.resolve_checkpoint())
+
+    def resolve_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from, verified (sizes and CRCs) by the main process only and shared."""
+        from accelerate.utils import broadcast_object_list
+
+        found = [None]
+        if self.acc.is_main_process:
+            found = [ckpt.resolve_resume(self.out, self.cfg.train.resume)]
+        if self.acc.num_processes > 1:
+            broadcast_object_list(found)
+        return found[0]
+
+    def _resume_from(self, path: Path | None) -> None:
         if path is None:
             if self.cfg.train.resume:
                 log.info("train.resume=%s: no checkpoint in %s, starting from step 0", self.cfg.train.resume, self.out)
@@ -410,11 +422,11 @@ class Trainer:
 
     def fit(self) -> Path:
         t, acc = self.cfg.train, self.acc
-        path = ckpt.resolve_resume(self.out, t.resume)
+        path = self.resolve_checkpoint()
         if acc.is_main_process:
             self.prepare_output(path)
         acc.wait_for_everyone()
-        self.resume(path)
+        self._resume_from(path)
         self._start_step = self.step
         acc.init_trackers(self.cfg.name, config=flat_hparams(self.cfg))
         batches = self.batches()

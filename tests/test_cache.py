@@ -161,11 +161,13 @@ def test_offloaded_encoders_train_from_the_cache(setup, monkeypatch):
 
     from diffalign.models import SDXLModel
 
+    offloaded = []
     monkeypatch.setattr(DiffusionModel, "encode_images", refuse)
     monkeypatch.setattr(SDXLModel, "encode_prompt", refuse)
+    monkeypatch.setattr(DiffusionModel, "offload_encoders", lambda self: offloaded.append(self))
     code = cli.main(["train", "configs/tiny_dpo_sdxl.yaml", *args, "train.max_steps=2", "data.offload_encoders=true",
                      "train.overwrite=true"])
-    assert code == 0
+    assert code == 0 and len(offloaded) == 1          # asked for, and the run needed no encoder
     with pytest.raises(ConfigError, match="needs a latent cache"):
         from diffalign.trainer import Trainer
 

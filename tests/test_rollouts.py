@@ -195,8 +195,10 @@ def test_raft_trains_on_each_groups_best_samples(family, tiny_pipelines, tmp_pat
     model = load_model(ModelConfig(pretrained=str(tiny_pipelines[family])))
     raft = RAFT(reward="brightness", group_size=3, keep=1, num_steps=2, guidance_scale=1.0)
     torch.manual_seed(0)
-    x0, prompts, rewards = raft.best_samples(model, ["a red circle", "a blue square"], (64, 64))
-    assert prompts == ["a red circle", "a blue square"] and x0.shape == model.latent_shape(2, (64, 64))
+    prompts = ["a red circle", "a blue square"]
+    x0, cond, rewards = raft.best_samples(model, prompts, (64, 64))
+    assert x0.shape == model.latent_shape(2, (64, 64)) and len(cond) == 2
+    assert torch.equal(cond.hidden, model.sampling_cond(prompts, (64, 64)).hidden)   # each prompt's own Cond
     again = raft.reward_fn(model.decode_latents(x0), prompts)
     torch.testing.assert_close(again, rewards.view(2, 3).max(1).values, atol=1e-5, rtol=1e-5)   # the best ones
     out, config = tmp_path / "run", tmp_path / "raft.yaml"

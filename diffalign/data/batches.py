@@ -7,13 +7,12 @@ model contract does not change.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-
-from diffalign.data.transforms import item_rng
 
 if TYPE_CHECKING:
     from diffalign.models.base import Cond, DiffusionModel
@@ -24,10 +23,11 @@ def winners_then_losers(pairs: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(pairs), dim=1).flatten(0, 1)
 
 
-def caption_dropped(seed: int, epoch: int, row: int, probability: float) -> bool:
-    """Whether a pair's prompt is replaced by the empty prompt this epoch: the first draw of the pair's own
-    generator, so cached and uncached runs, any worker count and a resume all drop the same captions."""
-    return bool(probability) and item_rng(seed, epoch, row).random() < probability
+def caption_dropped(rng: random.Random, probability: float) -> bool:
+    """Whether a pair's prompt is replaced by the empty prompt this epoch: the FIRST draw of the pair's own
+    generator (``transforms.item_rng(seed, epoch, row)``), so cached and uncached runs, any worker count and a
+    resume all drop the same captions. Always takes the draw, so the augmentation draws after it do not move."""
+    return rng.random() < probability
 
 
 def pair_latents(model: DiffusionModel, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, Cond]:

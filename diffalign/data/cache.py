@@ -16,7 +16,8 @@ Shard k holds pairs [S k, S (k + 1)) (S = ``data.cache_shard_pairs``, 1024); ima
 writes its own shards.
 The cache is written to a temporary folder and renamed when complete. Training refuses a cache whose
 manifest does not match the configuration or whose source data changed (jsonl content and image files,
-parquet file sizes and times), and names what differs; a shard whose bytes changed is named when opened.
+parquet file sizes and times), and names what differs; a shard whose bytes changed (size and CRC-32 checked once
+when training opens the cache) is named.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from diffalign.checkpoint import commit, crc32, temp_dir
 from diffalign.config import Config, to_dict
 from diffalign.data.batches import caption_dropped, winners_then_losers
 from diffalign.data.pairs import DataError, PreferencePairs, collate_pairs, source_fingerprint
+from diffalign.data.transforms import item_rng
 from diffalign.models.base import DiffusionModel
 from diffalign.options import parse_dtype
 from diffalign.workers import Workers, launched
@@ -226,6 +228,28 @@ class CachedPairs(torch.utils.data.Dataset):
         if cfg.data.max_pairs is not None:
             self.index = self.index[: cfg.data.max_pairs]
         self._handles: dict[str, Any] = {}
+        self._verify()
+
+    def _verify(self) -> None:
+        """Every shard's size and CRC-32 against the manifest, once when training opens the cache (not in each
+        DataLoader worker every epoch); opening a shard later checks its size only."""
+        total = sum(r.get("size", 0) for r in self._records.values())
+        with tqdm(total=total, desc="verify cache", unit="B", unit_scale=True, leave=False) as bar:
+            for name, record in self._records.items():
+                path = self.dir / name
+                if "crc32" in record and path.is_file() and crc32(path) != record["crc32"]:
+                    raise CacheError(f"{path}: damaged cache shard (CRC-32 {crc32(path):08x}, the manifest has "
+                                     f"{record['crc32']:08x}); rebuild the cache with `diffalign cache CONFIG`")
+                self._check_size(path, record)
+                bar.update(record.get("size", 0))
+
+    @staticmethod
+    def _check_size(path: Path, record: dict) -> None:
+        size = path.stat().st_size if path.is_file() else None
+        if size != record.get("size", size):
+            found = "missing" if size is None else f"{size} bytes"
+            raise CacheError(f"{path}: damaged cache shard ({found}; the manifest has {record.get('size')} bytes); "
+                             "rebuild the cache with `diffalign cache CONFIG`")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -234,15 +258,10 @@ class CachedPairs(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def _open(self, name: str) -> Any:
-        """A shard's handle, opened (in each process) only after its size and CRC-32 match the manifest."""
+        """A shard's handle, opened (in each process) after its size still matches the manifest."""
         if name not in self._handles:
-            path, record = self.dir / name, self._records[name]
-            size = path.stat().st_size if path.is_file() else None
-            if size != record.get("size", size) or ("crc32" in record and crc32(path) != record["crc32"]):
-                found = "missing" if size is None else f"{size} bytes, CRC-32 {crc32(path):08x}"
-                raise CacheError(f"{path}: damaged cache shard ({found}; the manifest has {record.get('size')} "
-                                 f"bytes, CRC-32 {record.get('crc32', 0):08x}); rebuild the cache with "
-                                 "`diffalign cache CONFIG`")
+            path = self.dir / name
+            self._check_size(path, self._records[name])
             self._handles[name] = safe_open(str(path), framework="pt")
         return self._handles[name]
 
@@ -253,7 +272,7 @@ class CachedPairs(torch.utils.data.Dataset):
         prompt_id = int(shard.get_slice("prompt_id")[j])
         row = int(shard.get_slice("row")[j])
         # the same first draw as PreferencePairs, so cached and uncached runs drop the same captions
-        if caption_dropped(self.seed, self.epoch, row, self.caption_dropout):
+        if self.caption_dropout and caption_dropped(item_rng(self.seed, self.epoch, row), self.caption_dropout):
             prompt_id = 0
         prompts = self._open(self.manifest["prompt_shards"][0]["file"])
         item["cond"] = {k: prompts.get_slice(k)[prompt_id] for k in prompts.keys()}

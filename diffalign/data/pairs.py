@@ -31,9 +31,9 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from diffalign.config import DataConfig
+from diffalign.config import DataConfig, field_problems
 from diffalign.data import transforms as T
-from diffalign.data.batches import winners_then_losers
+from diffalign.data.batches import caption_dropped, winners_then_losers
 from diffalign.data.transforms import item_rng
 
 logger = logging.getLogger("diffalign")
@@ -413,20 +413,8 @@ def source_fingerprint(cfg: DataConfig) -> dict[str, Any]:
 
 
 def _check_config(cfg: DataConfig) -> None:
-    problems = []
-    if not cfg.path:
-        problems.append("data.path is empty")
-    for key, allowed in (("format", ("auto", "pickapic", "jsonl")), ("crop", ("center", "random")),
-                         ("ties", ("drop", "error")), ("on_bad_image", ("error", "skip_pair"))):
-        if getattr(cfg, key) not in allowed:
-            problems.append(f"data.{key} = {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-    if cfg.resolution < 1:
-        problems.append(f"data.resolution = {cfg.resolution} must be positive")
-    for key in ("hflip", "caption_dropout"):
-        if not 0.0 <= getattr(cfg, key) <= 1.0:
-            problems.append(f"data.{key} = {getattr(cfg, key)} must be in [0, 1]")
-    if cfg.max_pairs is not None and cfg.max_pairs < 1:
-        problems.append(f"data.max_pairs = {cfg.max_pairs} must be at least 1 (or null for all)")
+    """The same choices and ranges config loading checks, for a DataConfig built in code."""
+    problems = (["data.path is empty"] if not cfg.path else []) + field_problems(cfg, "data.")
     if problems:
         raise DataError("; ".join(problems))
 
@@ -485,7 +473,7 @@ class PreferencePairs(Dataset):
 
     def _draws(self, i: int) -> tuple[bool, tuple[T.Augment, T.Augment]]:
         rng = item_rng(self.seed, self.epoch, self.row(i))
-        dropped = rng.random() < self.caption_dropout  # always the first draw: batches.caption_dropped
+        dropped = caption_dropped(rng, self.caption_dropout)     # always the first draw
         return dropped, T.draw_pair_augments(rng, self.cfg.crop, self.cfg.hflip, self.cfg.paired_transforms)
 
     def caption_dropped(self, i: int) -> bool:

@@ -25,7 +25,7 @@ from diffalign import losses
 from diffalign.methods.base import Method
 from diffalign.models.base import DiffusionModel
 from diffalign.options import opt
-from diffalign.sampling import Trajectory, guidance_on, guided_prediction, rollout, step_logprob
+from diffalign.sampling import Trajectory, guidance_on, rollout, step_gaussian
 
 
 @dataclass
@@ -84,11 +84,12 @@ class GRPO(Method):
         total = torch.zeros((), device=traj.final.device)
         logged: dict[str, Tensor] = {}
         for k in trained:
-            logp = checkpoint(step_logprob, model, traj, k, cond, uncond, self.guidance_scale, use_reentrant=False)
+            logp, mean, std = checkpoint(step_gaussian, model, traj, k, cond, uncond, self.guidance_scale,
+                                         use_reentrant=False)
             step_loss, metrics = losses.clipped_policy_loss(logp, traj.log_probs[k].to(logp.device),
                                                             advantages.to(logp.device), self.clip_range)
             if self.kl_beta > 0:
-                kl = self.kl_to_reference(model, traj, k, cond, uncond)
+                kl = self.kl_to_reference(model, traj, k, cond, uncond, mean, std)
                 step_loss = step_loss + self.kl_beta * kl
                 metrics["kl"] = kl.detach()
             total = total + step_loss / len(trained)
@@ -97,14 +98,9 @@ class GRPO(Method):
         return total, {"loss": total.detach(), "reward": rewards.mean(), "reward_std": rewards.std(),
                        "advantage_abs": advantages.abs().mean(), **logged}
 
-    def kl_to_reference(self, model: DiffusionModel, traj: Trajectory, k: int, cond: Any, uncond: Any) -> Tensor:
-        """Flow-GRPO's KL between the policy's and the reference's Gaussian step at recorded step k."""
-        x = traj.latents[k]
-        t, t_next = traj.steps[k]
-        level = torch.full((x.shape[0],), t, device=x.device)
-        pred = guided_prediction(model, x, t, cond, uncond, self.guidance_scale)
+    def kl_to_reference(self, model: DiffusionModel, traj: Trajectory, k: int, cond: Any, uncond: Any,
+                        mean: Tensor, std: Tensor) -> Tensor:
+        """Flow-GRPO's KL between the policy's Gaussian step (``mean``, ``std``) and the reference's at step k."""
         with model.reference():
-            ref = guided_prediction(model, x, t, cond, uncond, self.guidance_scale)
-        mean, std = model.schedule.step_mean_std(pred, x, level, torch.full_like(level, t_next), self.eta)
-        ref_mean, _ = model.schedule.step_mean_std(ref, x, level, torch.full_like(level, t_next), self.eta)
+            ref_mean = step_gaussian(model, traj, k, cond, uncond, self.guidance_scale)[1]
         return ((mean - ref_mean) ** 2 / (2 * std**2)).flatten(1).mean(1).mean()

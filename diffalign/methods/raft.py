@@ -47,9 +47,9 @@ class RAFT(Method):
         return self._reward
 
     @torch.no_grad()
-    def best_samples(self, model: DiffusionModel, prompts: list[str], size: tuple[int, int]) -> tuple[Tensor, list,
+    def best_samples(self, model: DiffusionModel, prompts: list[str], size: tuple[int, int]) -> tuple[Tensor, Any,
                                                                                                         Tensor]:
-        """(clean latents [P*keep, ...], their prompts, all rewards [P*G]) of the top ``keep`` per prompt."""
+        """(clean latents [P*keep, ...], their Cond, all rewards [P*G]) of the top ``keep`` per prompt."""
         expanded = [p for p in prompts for _ in range(self.group_size)]
         cond = model.sampling_cond(expanded, size)
         uncond = model.null_cond(len(expanded), size) if guidance_on(self.guidance_scale, model) else None
@@ -58,11 +58,11 @@ class RAFT(Method):
         rewards = self.reward_fn(model.decode_latents(x0), expanded).float()
         top = rewards.view(-1, self.group_size).topk(self.keep, dim=1).indices             # [P, keep]
         chosen = (top + torch.arange(len(prompts), device=top.device)[:, None] * self.group_size).flatten()
-        return x0[chosen.to(x0.device)], [expanded[i] for i in chosen.tolist()], rewards
+        chosen = chosen.to(x0.device)
+        return x0[chosen], cond.map(lambda v: v[chosen.to(v.device)]), rewards
 
     def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        x0, prompts, rewards = self.best_samples(model, batch["prompts"], batch["size"])
-        cond = model.sampling_cond(prompts, batch["size"])
+        x0, cond, rewards = self.best_samples(model, batch["prompts"], batch["size"])
         schedule = model.schedule
         t = schedule.sample_t(len(x0), x0.device)
         noise = torch.randn_like(x0)

@@ -14,8 +14,7 @@ for the flow-matching families) is called. The contract:
     decode_latents    latents -> images in [0,1], differentiable
     schedule          the family's noise schedule (models/schedules.py): every x0 / noise / x_t relation, training
                       levels, sampler and inversion steps, in fp32; methods and the sampler use nothing else
-    predict           (x_t, level t, Cond) -> denoiser output          (family hooks: _call_denoiser,
-                                                                        _denoiser_kwargs)
+    predict           (x_t, level t, Cond) -> denoiser output          (family hook: _call_denoiser)
     reference()       context: predict() uses the reference (adapters disabled, or the frozen copy), no grad,
                       restored in `finally`
     sampling_cond     prompts + image size -> Cond for generating whole (uncropped) images
@@ -205,9 +204,6 @@ class DiffusionModel:
                      target_size: tuple[int, int] | None = None) -> Cond:
         return cond
 
-    def _denoiser_kwargs(self, cond: Cond) -> dict[str, Any]:
-        return {}
-
     # ------------------------------------------------------------------------------- VAE
     @property
     def _vae_scale(self) -> tuple[float, float]:
@@ -249,9 +245,8 @@ class DiffusionModel:
         return self._call_denoiser(network, x_t.to(self.dtype), self.schedule.timestep(t).to(x_t.device), cond)
 
     def _call_denoiser(self, network: torch.nn.Module, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
-        """One call of the network (family hook; the UNet's signature here)."""
-        return network(x, timestep, encoder_hidden_states=cond.hidden, return_dict=False,
-                       **self._denoiser_kwargs(cond))[0]
+        """One call of the network (family hook; the SD 1.x/2.x UNet's signature here)."""
+        return network(x, timestep, encoder_hidden_states=cond.hidden, return_dict=False)[0]
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

@@ -289,7 +289,7 @@ class FlowSchedule(_Stochastic):
     def inversion_levels(self, t: Tensor, num_steps: int) -> Tensor:
         """t [N] -> [N, S+1]: clean (0), the grid points k/num_steps strictly below t, then t; padded with t."""
         grid = torch.arange(1, num_steps, device=t.device, dtype=torch.float32) / num_steps
-        return _grid_levels(t.float(), grid, torch.zeros(len(t), 1, device=t.device))
+        return _grid_levels(t.float(), grid, torch.full((len(t), 1), self.clean, device=t.device))
 
     def invert_step(self, pred: Tensor, x: Tensor, t: Tensor, t_next: Tensor, eta: float = 0.0,
                     noise: Tensor | None = None) -> Tensor:

@@ -54,8 +54,9 @@ class SDXLModel(DiffusionModel):
         time_ids = torch.cat([original_sizes.reshape(n, 2).cpu(), crops.reshape(n, 2).cpu(), target], dim=1)
         return Cond(hidden=cond.hidden, pooled=cond.pooled, time_ids=time_ids.to(cond.hidden.device).float())
 
-    def _denoiser_kwargs(self, cond: Cond) -> dict:
-        return {"added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": cond.time_ids}}
+    def _call_denoiser(self, network: torch.nn.Module, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
+        return network(x, timestep, encoder_hidden_states=cond.hidden, return_dict=False,
+                       added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids})[0]
 
     def null_cond(self, n: int, size: tuple[int, int]) -> Cond:
         """Zero prompt embeddings, as the pipeline does for an empty negative prompt when the pipeline's
