@@ -88,8 +88,6 @@ def iterate(cfg: Config, reward: Any, samples: int, iterations: int, margin: flo
     configured pair method on them, each round's LoRA starting from the previous one (``lora.init_from``; the
     reference stays the base model). Round k lives in ``output_dir/round-k`` (pairs/ and the run); returns the
     final weights of every round."""
-    import dataclasses
-
     from diffalign.config import build_config, to_dict
     from diffalign.trainer import train
 
@@ -103,7 +101,7 @@ def iterate(cfg: Config, reward: Any, samples: int, iterations: int, margin: flo
         raw["lora"]["init_from"] = str(previous) if previous else cfg.lora.init_from
         raw["output_dir"], raw["name"] = str(folder), f"{cfg.name}-round-{k}"
         round_cfg = build_config(raw, f"<round {k}>")
-        generate_pairs(dataclasses.replace(round_cfg), reward, folder / "pairs", samples,
+        generate_pairs(round_cfg, reward, folder / "pairs", samples,
                        weights=str(previous) if previous else None, margin=margin, seed=(k - 1) * samples)
         previous = train(round_cfg)
         finals.append(previous)
