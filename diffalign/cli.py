@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     pairs.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
     pairs.add_argument("--reward", required=True, help="a reward name or a YAML mapping, as for relabel")
     pairs.add_argument("--out", required=True, help="folder for train-00000.parquet")
-    pairs.add_argument("--samples", type=int, default=8, help="images per prompt (seeds --seed .. --seed+N-1)")
+    pairs.add_argument("--samples", type=int, default=8,
+                       help="N, images per prompt (prompt i gets the seeds --seed + i*N .. --seed + (i+1)*N - 1)")
     pairs.add_argument("--seed", type=int, default=0, help="first seed")
     pairs.add_argument("--weights", help="sample these weights instead of the base: a LoRA, full or run folder")
     pairs.add_argument("--margin", type=float, default=0.0, help="no pair when best - worst <= this")

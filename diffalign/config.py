@@ -52,9 +52,14 @@ class DataConfig:
     split: str = opt("train", "split to read from a datasets name or folder")
     resolution: int = opt(1024, "square training resolution in pixels (a multiple of the VAE's latent factor, "
                                 "8 for SD)", ge=8)
-    crop: str = opt("center", "crop after resizing the short side to `resolution`", ("center", "random"))
-    hflip: float = opt(0.0, "probability of a horizontal flip", ge=0, le=1)
-    paired_transforms: bool = opt(True, "winner and loser share one crop and flip decision")
+    crop: str = opt("center", "crop after resizing the short side to `resolution` (PIL bicubic, antialiased; "
+                              "DiffusionDPO, the diffusers DPO examples and MaPO resize bilinearly)",
+                    ("center", "random"))
+    hflip: float = opt(0.0, "probability of a horizontal flip (DiffusionDPO, the diffusers DPO examples and MaPO "
+                            "flip with 0.5 by default, off with --no_hflip)", ge=0, le=1)
+    paired_transforms: bool = opt(True, "winner and loser share one crop and flip decision (as the diffusers "
+                                        "SDXL DPO script and MaPO; DiffusionDPO and the diffusers SD 1.5 script "
+                                        "flip each image independently)")
     ties: str = opt("drop", "pairs labelled 0.5: drop them (counted at start), or error",
                     ("drop", "error"))
     on_bad_image: str = opt("error", "a corrupt or missing image: raise naming the row and file, or drop the "

@@ -2,9 +2,11 @@
 
 ``diffalign pairs CONFIG --out DIR --samples N --reward SPEC`` samples N images per prompt of ``data.prompts``
 (the base model, or ``--weights`` a LoRA / full fine-tune / run folder) with the evaluation's sampler settings
-(``eval.num_steps``, ``eval.guidance_scale``, ``eval.scheduler``; seeds ``--seed`` .. ``--seed + N - 1``), scores
-them with any reward, and writes ``DIR/train-00000.parquet`` in the Pick-a-Pic v2 schema (``caption``,
-``jpg_0`` = the best image, ``jpg_1`` = the worst, ``label_0`` = 1, plus both scores and seeds), which
+(``eval.num_steps``, ``eval.guidance_scale``, ``eval.scheduler``; prompt i, counted from 0, gets the seeds
+``--seed + i * N`` .. ``--seed + (i + 1) * N - 1``, so a prompt listed twice gives two different pairs), scores
+them with any reward (which receives the prompts' metadata from a jsonl prompt file), and writes
+``DIR/train-00000.parquet`` in the Pick-a-Pic v2 schema (``caption``, ``jpg_0`` = the best image, ``jpg_1`` =
+the worst, ``label_0`` = 1, plus both scores and seeds), which
 Diffusion-DPO, MaPO and InPO train on as they are (``data.path=DIR``). Prompts whose best and worst scores differ
 by no more than ``--margin`` give no pair and are counted. The file appears only when complete.
 """
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 
 from diffalign.checkpoint import replacing
 from diffalign.config import Config
-from diffalign.data.prompts import read_prompts
+from diffalign.data.prompts import read_prompt_records, read_prompts
 
 log = logging.getLogger("diffalign")
 
@@ -47,7 +49,7 @@ def generate_pairs(cfg: Config, reward: Any, out: str | Path, samples: int, weig
 
     if samples < 2:
         raise ValueError(f"--samples = {samples}: a pair needs at least 2 images per prompt")
-    prompts = read_prompts(cfg.data.prompts)
+    prompts, metadata = read_prompt_records(cfg.data.prompts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(cfg.model, device, sampling_dtype(cfg.eval.dtype))
     sampler = Sampler(cfg, model)
@@ -55,12 +57,13 @@ def generate_pairs(cfg: Config, reward: Any, out: str | Path, samples: int, weig
     rows: dict[str, list] = {k: [] for k in ("caption", "jpg_0", "jpg_1", "label_0", "score_0", "score_1",
                                              "seed_0", "seed_1")}
     ties = 0
-    seeds = list(range(seed, seed + samples))
     with applied(model, ckpt):
-        for prompt in tqdm(prompts, desc="on-policy pairs", unit="prompt"):
+        for i, (prompt, meta) in enumerate(tqdm(list(zip(prompts, metadata, strict=True)), desc="on-policy pairs",
+                                                unit="prompt")):
+            seeds = list(range(seed + i * samples, seed + (i + 1) * samples))
             images = torch.cat([sampler.images_for([prompt] * len(chunk), chunk)
                                 for chunk in _chunks(seeds, cfg.eval.batch_size)])
-            scores = reward(images.to(device), [prompt] * samples).float().cpu()
+            scores = reward(images.to(device), [prompt] * samples, [meta] * samples).float().cpu()
             best, worst = int(scores.argmax()), int(scores.argmin())
             if scores[best] - scores[worst] <= margin:
                 ties += 1
@@ -94,6 +97,7 @@ def iterate(cfg: Config, reward: Any, samples: int, iterations: int, margin: flo
     if iterations < 1:
         raise ValueError(f"--iterations = {iterations} must be at least 1")
     root, finals, previous = Path(cfg.output_dir), [], None
+    per_round = samples * len(read_prompts(cfg.data.prompts))       # fresh seeds in every round
     for k in range(1, iterations + 1):
         folder = root / f"round-{k}"
         raw = to_dict(cfg)
@@ -102,7 +106,7 @@ def iterate(cfg: Config, reward: Any, samples: int, iterations: int, margin: flo
         raw["output_dir"], raw["name"] = str(folder), f"{cfg.name}-round-{k}"
         round_cfg = build_config(raw, f"<round {k}>")
         generate_pairs(round_cfg, reward, folder / "pairs", samples,
-                       weights=str(previous) if previous else None, margin=margin, seed=(k - 1) * samples)
+                       weights=str(previous) if previous else None, margin=margin, seed=(k - 1) * per_round)
         previous = train(round_cfg)
         finals.append(previous)
         log.info("round %d of %d: %s", k, iterations, previous)

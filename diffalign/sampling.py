@@ -8,6 +8,7 @@ denoiser's precision.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,30 @@ def _sample_step(model: DiffusionModel, x: Tensor, t: float, t_next: float, cond
 
 
 # ------------------------------------------------------------------------------------------------ rollouts
+class GroupNoise:
+    """Gaussian noise drawn group by group, each group of ``group_size`` rows from its own generator seeded by
+    ``seeds[g]``: a group's noise is the same whatever batch, process or position it is sampled in. Pass it
+    where a ``generator`` is taken."""
+
+    def __init__(self, seeds: Sequence[int], group_size: int, device: torch.device | str) -> None:
+        self.group_size, self.device = group_size, torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+
+    def randn(self, shape: Sequence[int], shared: bool = False) -> Tensor:
+        """Noise of ``shape`` [len(seeds) * group_size, ...]; ``shared``: one draw per group, repeated."""
+        if shape[0] != len(self.generators) * self.group_size:
+            raise ValueError(f"{shape[0]} rows are not {len(self.generators)} groups of {self.group_size}")
+        rows = 1 if shared else self.group_size
+        draws = [torch.randn((rows, *shape[1:]), generator=g, device=self.device) for g in self.generators]
+        return torch.cat([d.expand(self.group_size, *shape[1:]) for d in draws]).contiguous()
+
+
+def randn(shape: Sequence[int], generator: torch.Generator | GroupNoise | None, device: torch.device) -> Tensor:
+    if isinstance(generator, GroupNoise):
+        return generator.randn(shape).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=device)
+
+
 @dataclass
 class Trajectory:
     """One batch of sampled trajectories, recorded for policy-gradient training (no autograd graph).
@@ -113,11 +138,21 @@ class Trajectory:
     def final(self) -> Tensor:
         return self.latents[-1]
 
+    def to_dict(self) -> dict:
+        """Plain tensors and lists (what torch.load(weights_only=True) reads back), for checkpoints."""
+        return {"latents": self.latents, "steps": [tuple(map(float, s)) for s in self.steps],
+                "stochastic": list(self.stochastic), "log_probs": self.log_probs, "eta": float(self.eta)}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> Trajectory:
+        return cls(state["latents"], [tuple(s) for s in state["steps"]], list(state["stochastic"]),
+                   state["log_probs"], state["eta"])
+
 
 @torch.no_grad()
 def rollout(model: DiffusionModel, latents: Tensor, cond: Cond, num_steps: int, guidance_scale: float = 1.0,
             uncond: Cond | None = None, eta: float = 1.0, window: tuple[int, int] | None = None,
-            generator: torch.Generator | None = None) -> Trajectory:
+            generator: torch.Generator | GroupNoise | None = None) -> Trajectory:
     """Sample with the schedule's stochastic step and record what a GRPO/DDPO update needs.
 
     Every step is stochastic (DDIM with eta on VP models, Flow-GRPO's SDE on flow models), or, with ``window``
@@ -134,7 +169,7 @@ def rollout(model: DiffusionModel, latents: Tensor, cond: Cond, num_steps: int, 
         level_next = torch.full_like(level, t_next)
         noisy = first <= k < stop and eta > 0
         if noisy:
-            noise = torch.randn(x.shape, generator=generator, device=x.device)
+            noise = randn(x.shape, generator, x.device)
             x, logp = model.schedule.step_logprob(pred, x, level, level_next, eta, noise)
         else:
             x, logp = model.schedule.step(pred, x, level, level_next), torch.zeros(x.shape[0], device=x.device)

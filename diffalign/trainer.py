@@ -64,6 +64,27 @@ def make_trainable(model: DiffusionModel, cfg: Config, needs_reference: bool) ->
     return params
 
 
+def example_seeds(seed: int, first: int, count: int) -> torch.Tensor:
+    """One seed per example from (train.seed, its global draw number first, first + 1, ...): the same example
+    gets the same seed whatever the process count."""
+    return torch.arange(first, first + count, dtype=torch.int64) + seed * 1_000_000_007
+
+
+def lasting(batch: dict) -> dict:
+    """A prepared batch without its transient ("_") entries, on the CPU: what a checkpoint keeps."""
+    return {k: _to_device(v, "cpu") for k, v in batch.items() if not k.startswith("_")}
+
+
+def _to_device(value: Any, device: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value
+
+
 def flat_hparams(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
@@ -169,6 +190,9 @@ class Trainer:
         self.model.denoiser, self.optimizer = self.acc.prepare(self.model.denoiser, self.optimizer)
         self.step = 0
         self.micro_batches = 0        # micro-batches this process has drawn, whole skipped ones included
+        self.held: list[dict] = []    # prepared micro-batches kept for the method's next updates
+        if self.acc.num_processes > 1:
+            self.method.gather = self.acc.gather
         self.skipped = {"epoch": -1, "pairs": 0, "run": 0}
         self.progress_grid = None
         if cfg.eval.every and self.acc.is_main_process:
@@ -193,9 +217,11 @@ class Trainer:
             loader = torch.utils.data.DataLoader(
                 self.data, batch_sampler=order, collate_fn=self.data.collate, num_workers=workers,
                 generator=torch.Generator().manual_seed(t.seed), persistent_workers=False)
-            for batch in loader:
+            for k, batch in enumerate(loader, start):
                 self.micro_batches += 1
                 self.count_skipped(batch, epoch, per_epoch * t.batch_size)
+                first = ((epoch * per_epoch + k) * acc.num_processes + acc.process_index) * t.batch_size
+                batch["seeds"] = example_seeds(t.seed, first, t.batch_size)
                 yield batch
             epoch, start = epoch + 1, 0
 
@@ -212,22 +238,41 @@ class Trainer:
                             f"reads in epoch {epoch} are unreadable, more than data.max_skip_fraction = {limit:g}; "
                             "the warnings above name them. Fix or remove those rows, or raise the limit.")
 
+    def next_batch(self, batches: Iterator[dict]) -> dict:
+        """The next readable micro-batch, prepared by the method (GRPO: its rollouts) without gradient."""
+        batch = next(batches)
+        while batch["indices"].numel() == 0:     # every pair of the batch was unreadable (skip_pair)
+            batch = next(batches)                # counted in the position, so a resume skips it too
+        with torch.no_grad(), self.acc.autocast():
+            return self.method.prepare(self.model, batch)
+
+    def loss_parts(self, batch: dict) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The method's loss terms, each computed under autocast; the caller backpropagates one before the next."""
+        parts = self.method.loss_parts(self.model, batch)
+        while True:
+            with self.acc.autocast():
+                part = next(parts, None)
+            if part is None:
+                return
+            yield part
+
     # ------------------------------------------------------------------------------ one optimizer step
     def train_step(self, batches: Iterator[dict]) -> dict[str, torch.Tensor]:
         t, acc = self.cfg.train, self.acc
         sums: dict[str, torch.Tensor] = {}
         own_sync = self.method.many_grad_calls
+        if self.step % self.method.updates_per_batch == 0 or len(self.held) != t.grad_accum:
+            self.held = []                       # new batches for this step (and the next updates_per_batch - 1)
         for i in range(t.grad_accum):
-            batch = next(batches)
-            while batch["indices"].numel() == 0:     # every pair of the batch was unreadable (skip_pair)
-                batch = next(batches)                # counted in the position, so a resume skips it too
+            if len(self.held) <= i:
+                self.held.append(self.next_batch(batches))
+            batch = self.held[i]
             last = i == t.grad_accum - 1 and not own_sync
             with contextlib.nullcontext() if last else acc.no_sync(self.model.denoiser):
-                with acc.autocast():
-                    loss, metrics = self.method.loss(self.model, batch)
-                acc.backward(loss / t.grad_accum)
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0) + value.float() / t.grad_accum
+                for loss, metrics in self.loss_parts(batch):
+                    acc.backward(loss / t.grad_accum)
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0) + value.float() / t.grad_accum
         if own_sync:
             self.average_gradients()
         max_norm = t.max_grad_norm if t.max_grad_norm is not None else math.inf
@@ -236,6 +281,8 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.method.updates_per_batch == 1:
+            self.held = []
         sums["grad_norm"] = grad_norm.detach().float() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
         return sums
 
@@ -270,7 +317,9 @@ class Trainer:
         if acc.is_main_process:
             ckpt.temp_dir(target)
         acc.wait_for_everyone()
-        torch.save({**ckpt.rng_state(), "micro_batches": self.micro_batches, "skipped_pairs": self.skipped["run"]},
+        torch.save({**ckpt.rng_state(), "micro_batches": self.micro_batches, "skipped_pairs": self.skipped["run"],
+                    "method": self.method.state_dict(),
+                    "held": [lasting(b) for b in self.held] if self.step % self.method.updates_per_batch else []},
                    tmp / f"rng_{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -364,6 +413,10 @@ class Trainer:
         # checkpoints written before the position was recorded: one micro-batch per accumulation step
         self.micro_batches = int(state.get("micro_batches", self.step * self.cfg.train.grad_accum))
         self.skipped["run"] = int(state.get("skipped_pairs", 0))
+        self.method.load_state_dict(state.get("method", {}))
+        self.held = [{k: _to_device(v, self.acc.device) for k, v in b.items()} for b in state.get("held", [])]
+        if self.step % self.method.updates_per_batch and len(self.held) != self.cfg.train.grad_accum:
+            log.warning("%s holds no prepared batches for step %d; the method prepares new ones", path, self.step + 1)
 
     # ------------------------------------------------------------------------------ in-training evaluation
     def evaluate(self) -> None:

@@ -78,10 +78,18 @@ def test_grad_steps_are_validated_and_drawn_once_in_range():
         load_config(None, ["method.name=alignprop", "method.grad_steps=0"])
     with pytest.raises(ConfigError, match="grad_steps"):
         load_config(None, ["method.name=alignprop", "method.num_steps=4", "method.grad_steps=5"])
-    method = AlignProp(num_steps=50, grad_steps=10, random_grad_steps=True)
+    method = AlignProp(num_steps=50, grad_steps=10, truncation="uniform")
     draws = {method.draw_grad_steps() for _ in range(300)}
     assert draws == set(range(1, 11))
     assert AlignProp(grad_steps=3).draw_grad_steps() == 3
+    official = AlignProp(num_steps=50, truncation="gaussian")        # cut ~ int(N(42, 5)) in [1, 50): K = 50 - cut
+    draws = [official.draw_grad_steps() for _ in range(4000)]
+    assert all(1 <= k <= 49 for k in draws)
+    # E[K] = sum_c P(int(X) = c) (50 - c) / P(1 <= int(X) < 50), X ~ N(42, 5): 9.09 (the rejected c >= 50 tail
+    # lowers the cut); the mean of 4000 draws has a standard error of about 0.07
+    assert 8.85 < sum(draws) / len(draws) < 9.33
+    with pytest.raises(ConfigError, match="cut_mean = 42 must lie in"):
+        load_config(None, ["method.name=alignprop", "method.num_steps=10", "method.truncation=gaussian"])
 
 
 def test_a_non_differentiable_reward_is_refused():

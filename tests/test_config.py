@@ -87,6 +87,10 @@ def test_every_shipped_config_validates(path):
         assert read_prompts(cfg.data.prompts)          # shipped prompt files exist and are not empty
         reward = cfg.method.reward
         assert (reward if isinstance(reward, str) else reward["name"]) in REWARDS
+    elif cfg.data.prompts:                              # an iterative-DPO config: `diffalign iterate` writes the pairs
+        from diffalign.data.prompts import read_prompts
+
+        assert read_prompts(cfg.data.prompts) and not cfg.data.path
     else:
         assert cfg.data.path
     from diffalign.eval.sample import eval_prompts

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from diffalign.rewards import REWARDS, Reward, build_reward, reward_from_config
 from diffalign.rewards.aesthetic import AestheticMLP
-from diffalign.rewards.backbone import clip_preprocess
+from diffalign.rewards.backbone import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 PROMPTS = ["a red cube", "a photo of a blue dog"]   # colour words for prompt_colour
 # Tiny random-weight CLIPs, built in-process (no downloads). The real BPE vocabulary needs vocab_size 49408.
@@ -185,6 +185,28 @@ def test_clip_preprocess_resizes_short_side_crops_centre_and_normalises():
     assert out[..., 4:12].allclose(torch.tensor(2.0), atol=0.05)  # (1 - 0.5) / 0.25 in the crop's middle
     same = torch.rand(1, 3, 16, 16)
     assert clip_preprocess(same, 16, mean, std).allclose((same - 0.5) / 0.25)  # right size: normalise only
+
+
+def test_hpsv2_preprocessing_resizes_the_long_side_and_pads_as_open_clips_transform():
+    """HPSv2 scores with open_clip's resize_longest_max transform: long side to the size, black padding; compared
+    with open_clip's own PIL transform on a non-square image (shortest-side cropping would differ)."""
+    import numpy as np
+    from open_clip.transform import image_transform
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:48, 0:72] / 48.0                                  # a smooth [3, 48, 72] image
+    pixels = np.stack([128 + 100 * np.sin(3 * xx + c) * np.cos(2 * yy - c) for c in range(3)]).round().astype(np.uint8)
+    images = torch.from_numpy(pixels).float()[None] / 255
+    mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+    ours = clip_preprocess(images, 24, mean, std, resize="longest")[0]
+    theirs = image_transform(24, is_train=False, resize_mode="longest")(Image.fromarray(pixels.transpose(1, 2, 0)))
+    assert ours.shape == theirs.shape == (3, 24, 24)
+    black = (-mean / std).view(3, 1)
+    assert torch.equal(ours[:, :4], black.expand(3, 24)[:, None].expand(3, 4, 24))         # 4 rows padded on top
+    assert torch.allclose(ours[:, 4:20], theirs[:, 4:20], atol=0.02)                      # PIL rounds to uint8
+    assert (ours[:, 4:20] - theirs[:, 4:20]).abs().mean() < 0.006
+    cropped = clip_preprocess(images, 24, mean, std)                                      # CLIP's shortest side
+    assert (cropped[0] - theirs).abs().mean() > 0.3
 
 
 def test_pickscore_is_logit_scale_times_cosine():

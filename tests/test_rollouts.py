@@ -1,6 +1,7 @@
 """Rollouts for online methods: step log-probabilities against hand computations, recorded trajectories."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -164,6 +165,52 @@ def test_rollouts_hold_no_graph_and_the_update_keeps_about_a_latent_per_trained_
     assert one.requires_grad and three.requires_grad and unchecked.requires_grad
 
 
+def test_the_grpo_update_holds_one_steps_graph_whatever_the_number_of_sampler_steps(policy):
+    """GRPO yields one loss term per trained step and each is backpropagated before the next is built: the bytes
+    autograd holds at once are those of one step for 3 and for 6 sampler steps (the sum over terms, what one
+    loss over all steps would hold, doubles), and the terms' gradient is the whole loss's."""
+    from diffalign.methods.grpo import GRPO
+
+    def held_bytes(num_steps):
+        method = GRPO(reward="brightness", group_size=2, num_steps=num_steps, guidance_scale=1.0)
+        batch = method.prepare(policy, {"prompts": ["a red circle"], "size": (32, 32),
+                                        "indices": torch.tensor([0]), "seeds": torch.tensor([7])})
+        per_term, parts = [], method.loss_parts(policy, batch)
+        while True:
+            total = [0]
+
+            def pack(t, total=total):
+                total[0] += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                part = next(parts, None)
+            if part is None:
+                return per_term, method, batch
+            part[0].backward()
+            per_term.append(total[0])
+
+    three, _, _ = held_bytes(3)
+    six, method, batch = held_bytes(6)
+    assert len(three) == 3 and len(six) == 6
+    assert max(six) <= 1.01 * max(three) and sum(six) > 1.9 * sum(three)
+    for p in policy.denoiser.parameters():
+        p.grad = None
+    random_state = random.getstate()
+    for part, _ in method.loss_parts(policy, batch):          # term by term ...
+        part.backward()
+    by_terms = [p.grad.clone() for p in policy.denoiser.parameters() if p.grad is not None]
+    for p in policy.denoiser.parameters():
+        p.grad = None
+    random.setstate(random_state)
+    method.loss(policy, batch)[0].backward()                  # ... equals the whole loss's gradient
+    whole = [p.grad for p in policy.denoiser.parameters() if p.grad is not None]
+    assert whole and len(whole) == len(by_terms)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(by_terms, whole, strict=True))
+    for p in policy.denoiser.parameters():
+        p.grad = None
+
+
 def test_on_policy_pairs_are_written_in_the_pickapic_schema_and_train(tiny_pipelines, tmp_path, capsys):
     """diffalign pairs: N samples per prompt, best vs worst by the reward; DPO then trains on the folder."""
     import pyarrow.parquet as pq
@@ -196,7 +243,7 @@ def test_raft_trains_on_each_groups_best_samples(family, tiny_pipelines, tmp_pat
     raft = RAFT(reward="brightness", group_size=3, keep=1, num_steps=2, guidance_scale=1.0)
     torch.manual_seed(0)
     prompts = ["a red circle", "a blue square"]
-    x0, cond, rewards = raft.best_samples(model, prompts, (64, 64))
+    x0, cond, rewards = raft.best_samples(model, {"prompts": prompts, "size": (64, 64)})
     assert x0.shape == model.latent_shape(2, (64, 64)) and len(cond) == 2
     assert torch.equal(cond.hidden, model.sampling_cond(prompts, (64, 64)).hidden)   # each prompt's own Cond
     again = raft.reward_fn(model.decode_latents(x0), prompts)

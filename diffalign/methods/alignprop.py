@@ -1,4 +1,12 @@
-"""AlignProp (Prabhudesai et al., 2023): maximise a differentiable reward by backpropagating through the sampler."""
+"""AlignProp (Prabhudesai et al., 2023): maximise a differentiable reward by backpropagating through the sampler.
+
+Only the last K sampler steps keep gradient. K is fixed, or drawn once per trajectory: uniformly in 1..grad_steps
+(the paper's randomised truncation), or as the official trainer does it (mihirp1998/AlignProp, ``sd_pipeline.py``
+with ``backprop_strategy="gaussian"``): a cut c = int(Normal(cut_mean, cut_std)), redrawn until 1 <= c < the
+number of steps, detaches the steps before c, so K = num_steps - c (about 8 of 50 with mean 42, std 5). The loss
+is multiplied by ``loss_coeff`` before the backward pass (the official 0.01), which matters for the gradient
+clip: the clip acts on the scaled gradient.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +31,15 @@ class AlignProp(Method):
     num_steps: int = opt(50, "DDIM sampler steps per trajectory", ge=1)
     grad_steps: int = opt(1, "K: only the last K sampler steps keep gradient (truncated backprop)",
                          ge=1)
-    random_grad_steps: bool = opt(False, "draw K ~ Uniform{1..grad_steps} once per trajectory instead of fixing "
-                                         "it (the paper's randomised truncation; K = 0 would carry no gradient)")
+    truncation: str = opt("fixed", "how K is chosen per trajectory: fixed (K = grad_steps), uniform (K ~ "
+                                   "Uniform{1..grad_steps}, the paper's) or gaussian (the official trainer's: the "
+                                   "steps before a cut c ~ int(Normal(cut_mean, cut_std)) are detached, "
+                                   "K = num_steps - c; grad_steps is then unused)",
+                          choices=("fixed", "uniform", "gaussian"))
+    cut_mean: float = opt(42.0, "truncation=gaussian: mean of the cut step c (official: 42 of 50 steps)")
+    cut_std: float = opt(5.0, "truncation=gaussian: standard deviation of the cut (official: 5)", gt=0)
+    loss_coeff: float = opt(0.01, "the loss is multiplied by this before backward, so train.max_grad_norm clips "
+                                  "the scaled gradient (official: 0.01 with a clip of 1.0)", gt=0)
     guidance_scale: float = opt(7.5, "classifier-free guidance scale while sampling (1 disables it)", ge=0)
     eta: float = opt(1.0, "DDIM eta: 0 is deterministic, 1 has DDPM-like noise (the official code uses 1)", ge=0)
     reward_target: float | None = opt(None, "if set, loss = |reward - target| (e.g. aesthetic 10) instead of "
@@ -38,6 +53,9 @@ class AlignProp(Method):
         if not 1 <= self.grad_steps <= self.num_steps:
             raise ConfigError(f"method.grad_steps = {self.grad_steps} must be between 1 and method.num_steps "
                               f"({self.num_steps}): with K = 0 no gradient reaches the model")
+        if self.truncation == "gaussian" and not 1 <= self.cut_mean < self.num_steps:
+            raise ConfigError(f"method.cut_mean = {self.cut_mean:g} must lie in [1, method.num_steps = "
+                              f"{self.num_steps}): the cut is a sampler step (official: 42 of 50)")
         self._reward: Any = None
 
     @property
@@ -53,7 +71,16 @@ class AlignProp(Method):
         return self._reward
 
     def draw_grad_steps(self) -> int:
-        return random.randint(1, self.grad_steps) if self.random_grad_steps else self.grad_steps
+        if self.truncation == "uniform":
+            return random.randint(1, self.grad_steps)
+        if self.truncation == "gaussian":
+            if self.num_steps < 2:
+                return 1
+            cut = 0
+            while not 1 <= cut < self.num_steps:
+                cut = int(random.gauss(self.cut_mean, self.cut_std))
+            return self.num_steps - cut
+        return self.grad_steps
 
     def generate(self, model: DiffusionModel, prompts: list[str], size: tuple[int, int]) -> tuple[Tensor, int]:
         """Images [B,3,H,W] in [0,1] with gradient through the last K steps and the decoder; returns (images, K)."""
@@ -74,4 +101,4 @@ class AlignProp(Method):
             loss = (scores - self.reward_target).abs().mean()
         metrics = {"loss": loss.detach(), "reward": scores.mean().detach(), "reward_std": scores.std().detach()
                    if len(scores) > 1 else torch.zeros(()), "grad_steps": torch.tensor(float(k))}
-        return loss, metrics
+        return self.loss_coeff * loss, metrics          # the logged loss is unscaled

@@ -18,7 +18,7 @@ from diffalign import losses
 from diffalign.methods.base import Method
 from diffalign.models.base import DiffusionModel
 from diffalign.options import ConfigError, opt
-from diffalign.sampling import guidance_on, sample
+from diffalign.sampling import GroupNoise, guidance_on, sample
 
 
 @dataclass
@@ -47,22 +47,27 @@ class RAFT(Method):
         return self._reward
 
     @torch.no_grad()
-    def best_samples(self, model: DiffusionModel, prompts: list[str], size: tuple[int, int]) -> tuple[Tensor, Any,
-                                                                                                        Tensor]:
+    def best_samples(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, Any, Tensor]:
         """(clean latents [P*keep, ...], their Cond, all rewards [P*G]) of the top ``keep`` per prompt."""
+        prompts, size = batch["prompts"], batch["size"]
         expanded = [p for p in prompts for _ in range(self.group_size)]
+        metadata = [m for m in batch.get("metadata") or [{} for _ in prompts] for _ in range(self.group_size)]
         cond = model.sampling_cond(expanded, size)
         uncond = model.null_cond(len(expanded), size) if guidance_on(self.guidance_scale, model) else None
-        latents = torch.randn(model.latent_shape(len(expanded), size), device=model.device)
+        shape = model.latent_shape(len(expanded), size)
+        if "seeds" in batch:             # each group's noise from its example's seed: layout-independent
+            latents = GroupNoise(batch["seeds"].tolist(), self.group_size, model.device).randn(shape)
+        else:
+            latents = torch.randn(shape, device=model.device)
         x0 = sample(model, latents, cond, self.num_steps, self.guidance_scale, uncond)
-        rewards = self.reward_fn(model.decode_latents(x0), expanded).float()
+        rewards = self.reward_fn(model.decode_latents(x0), expanded, metadata).float()
         top = rewards.view(-1, self.group_size).topk(self.keep, dim=1).indices             # [P, keep]
         chosen = (top + torch.arange(len(prompts), device=top.device)[:, None] * self.group_size).flatten()
         chosen = chosen.to(x0.device)
         return x0[chosen], cond.map(lambda v: v[chosen.to(v.device)]), rewards
 
     def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        x0, cond, rewards = self.best_samples(model, batch["prompts"], batch["size"])
+        x0, cond, rewards = self.best_samples(model, batch)
         schedule = model.schedule
         t = schedule.sample_t(len(x0), x0.device)
         noise = torch.randn_like(x0)

@@ -28,19 +28,31 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 BACKENDS = ("open_clip", "transformers")
 
 
-def clip_preprocess(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """[B,3,H,W] in [0,1] -> [B,3,size,size]: bicubic resize of the short side, centre crop, normalise.
+def clip_preprocess(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor,
+                    resize: str = "shortest") -> torch.Tensor:
+    """[B,3,H,W] in [0,1] -> [B,3,size,size], normalised; pure torch (no uint8 rounding), so gradients reach
+    ``images``.
 
-    Pure torch (like CLIP's PIL transform, without uint8 rounding), so gradients reach ``images``.
+    ``shortest`` (CLIP's, PickScore's): bicubic resize of the short side to ``size``, centre crop. ``longest``
+    (HPSv2's ``ResizeMaxSize``): bicubic resize of the long side to ``size`` (sizes rounded), then zero (black)
+    padding to a square, ``pad // 2`` on the left and top, before normalisation. Square images give the same.
     """
     height, width = images.shape[-2:]
-    if min(height, width) != size:
-        scale = size / min(height, width)
-        new_size = (size, int(width * scale)) if height <= width else (int(height * scale), size)
-        images = F.interpolate(images, size=new_size, mode="bicubic", align_corners=False, antialias=True)
-        height, width = images.shape[-2:]
-    top, left = int(round((height - size) / 2)), int(round((width - size) / 2))
-    images = images[..., top : top + size, left : left + size]
+    if resize == "longest":
+        scale = size / max(height, width)
+        new_size = (round(height * scale), round(width * scale))
+        if new_size != (height, width):
+            images = F.interpolate(images, size=new_size, mode="bicubic", align_corners=False, antialias=True)
+        pad_h, pad_w = size - new_size[0], size - new_size[1]
+        images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+    else:
+        if min(height, width) != size:
+            scale = size / min(height, width)
+            new_size = (size, int(width * scale)) if height <= width else (int(height * scale), size)
+            images = F.interpolate(images, size=new_size, mode="bicubic", align_corners=False, antialias=True)
+            height, width = images.shape[-2:]
+        top, left = int(round((height - size) / 2)), int(round((width - size) / 2))
+        images = images[..., top : top + size, left : left + size]
     return (images - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
@@ -90,6 +102,7 @@ class ClipBackbone(nn.Module):
         super().__init__()
         self.model = model
         self.image_size, self.embed_dim, self.tokenize = image_size, embed_dim, tokenize
+        self.resize = "shortest"        # "longest" for HPSv2 (see clip_preprocess)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD), persistent=False)
 
@@ -100,7 +113,7 @@ class ClipBackbone(nn.Module):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [0,1] -> [B,D] float32."""
-        pixels = clip_preprocess(images.float(), self.image_size, self.mean.float(), self.std.float())
+        pixels = clip_preprocess(images.float(), self.image_size, self.mean.float(), self.std.float(), self.resize)
         return self.encode_image(pixels.to(self.logit_scale.dtype)).float()
 
     def text_features(self, prompts: list[str]) -> torch.Tensor:

@@ -17,21 +17,45 @@ Factory = TypeVar("Factory", bound=Callable[..., "Reward"])
 class Reward(ABC):
     """Scores images in [0,1] (float [B,3,H,W]) against B prompts; returns float32 scores [B].
 
-    ``differentiable`` says whether gradients of the scores reach the images.
+    ``differentiable`` says whether gradients of the scores reach the images. A reward whose ``uses_metadata`` is
+    True also receives each prompt's metadata (a dict per image, from a jsonl prompt file: the colour or count the
+    prompt asks for); ``score`` may return ``(scores, info)`` with ``info`` a dict of per-image tensors to log,
+    which :meth:`details` returns and ``__call__`` drops.
     """
 
     name: str = "reward"
     differentiable: bool = True
+    uses_metadata: bool = False
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str],
+                 metadata: Sequence[Mapping[str, Any]] | None = None) -> torch.Tensor:
+        return self.details(images, prompts, metadata)[0]
+
+    def details(self, images: torch.Tensor, prompts: Sequence[str],
+                metadata: Sequence[Mapping[str, Any]] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scores [B], info) where info holds the extra per-image values the reward reports (may be empty)."""
         check_images(images, self.name)
         prompts = check_prompts(prompts, images.shape[0], self.name)
-        scores = self.score(images, prompts)
-        return scores.float()
+        extra = {}
+        if self.uses_metadata:
+            extra["metadata"] = check_metadata(metadata, len(prompts), self.name)
+        out = self.score(images, prompts, **extra)
+        scores, info = out if isinstance(out, tuple) else (out, {})
+        return scores.float(), info
 
     @abstractmethod
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Scores [B] for images already checked against the contract."""
+        """Scores [B] (or (scores, info)) for images already checked against the contract; rewards with
+        ``uses_metadata`` take a third argument, ``metadata``: a list of B dicts."""
+
+
+def check_metadata(metadata: Sequence[Mapping[str, Any]] | None, batch: int, name: str) -> list[dict]:
+    """Per-image metadata as a list of ``batch`` dicts (empty dicts when none was given), or ValueError."""
+    if metadata is None:
+        return [{} for _ in range(batch)]
+    if isinstance(metadata, Mapping) or len(metadata) != batch or not all(isinstance(m, Mapping) for m in metadata):
+        raise ValueError(f"{name}: metadata must be a list of {batch} dicts, one per image; got {metadata!r:.80}")
+    return [dict(m) for m in metadata]
 
 
 def check_images(images: Any, name: str = "reward") -> None:

@@ -70,9 +70,11 @@ def hpsv2(
     """HPSv2: cosine of image and text embeddings of open_clip ViT-H-14 with the HPSv2 checkpoint.
 
     ``checkpoint`` is the HPSv2 file (a local path, or the default ``hf-hub:`` location); ``None`` leaves
-    random weights.
+    random weights. Images are preprocessed as HPSv2's scorer does (open_clip ``image_transform`` with
+    ``resize_longest_max=True``): long side to 224, black padding to a square.
     """
     backbone = build_clip("open_clip", model_name, checkpoint=checkpoint, model_config=model_config, dtype=dtype)
+    backbone.resize = "longest"
     return ClipSimilarity(backbone, device)
 
 

@@ -16,9 +16,10 @@ class WeightedSum(Reward):
     def __init__(self, components: Sequence[tuple[float, Reward]]) -> None:
         self.components = list(components)
         self.differentiable = all(reward.differentiable for _, reward in self.components)
+        self.uses_metadata = any(reward.uses_metadata for _, reward in self.components)
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        terms = [weight * reward(images, prompts) for weight, reward in self.components]
+    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+        terms = [weight * reward(images, prompts, metadata) for weight, reward in self.components]
         return torch.stack(terms).sum(dim=0)
 
 

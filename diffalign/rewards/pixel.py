@@ -120,27 +120,44 @@ def chroma_weighted_colour(images: torch.Tensor) -> torch.Tensor:
 
 
 class PromptColour(Reward):
-    """How well the image's colourful pixels match the colour the prompt names.
+    """How well the image's colourful pixels match the colour the prompt asks for: the metadata's ``colour`` when
+    the prompt file gives one, else the first palette colour the prompt names.
 
     soft: minus the RGB distance between the chroma-weighted mean colour and the named colour (differentiable);
     hard (``match``): 1 when the named colour is the palette colour nearest that mean, else 0 (an accuracy).
+    Both report ``colour_distance`` (the soft distance) as extra info.
     """
+
+    uses_metadata = True
 
     def __init__(self, palette: dict[str, Sequence[float]], match: bool) -> None:
         self.palette = {name.lower(): tuple(float(c) / 255 for c in rgb) for name, rgb in palette.items()}
         self.match = match
         self.differentiable = not match
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def wanted(self, prompt: str, meta: dict) -> str:
+        colour = meta.get("colour")
+        if colour is None:
+            return named_colour(prompt, self.palette, self.name)
+        if str(colour).lower() not in self.palette:
+            raise ValueError(f"reward {self.name!r}: metadata colour {colour!r} of prompt {prompt!r} is not one of "
+                             f"{', '.join(self.palette)}")
+        return str(colour).lower()
+
+    def score(self, images: torch.Tensor, prompts: list[str],
+              metadata: list[dict] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         names = list(self.palette)
+        metadata = metadata or [{} for _ in prompts]
         table = torch.tensor([self.palette[n] for n in names], dtype=images.dtype, device=images.device)
-        wanted = torch.tensor([names.index(named_colour(p, self.palette, self.name)) for p in prompts],
+        wanted = torch.tensor([names.index(self.wanted(p, m)) for p, m in zip(prompts, metadata, strict=True)],
                               device=images.device)
         mean = chroma_weighted_colour(images)                                         # [B,3]
         distances = torch.cdist(mean, table)                                          # [B,K]
+        distance = distances.gather(1, wanted[:, None]).squeeze(1)
+        info = {"colour_distance": distance.detach()}
         if self.match:
-            return (distances.argmin(dim=1) == wanted).to(images.dtype)
-        return -distances.gather(1, wanted[:, None]).squeeze(1)
+            return (distances.argmin(dim=1) == wanted).to(images.dtype), info
+        return -distance, info
 
 
 def _palette(colours: dict | None, reward: str) -> dict:
