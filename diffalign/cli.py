@@ -1,4 +1,4 @@
-"""Command line: ``diffalign train | cache | relabel | pairs | iterate | sample | eval | demo | tiny``."""
+"""Command line: ``diffalign train | cache | relabel | pairs | iterate | sample | eval | export | demo | tiny``."""
 
 from __future__ import annotations
 
@@ -83,10 +83,17 @@ def _parser() -> argparse.ArgumentParser:
                                        "architecture; coloured shapes, 32 px)")
     tiny.add_argument("family", choices=["sd15", "sd2", "sdxl", "sd3", "flux", "toy", "toy-flow"])
     tiny.add_argument("path")
+    from diffalign.export_cli import add_parser as add_export
+
+    add_export(sub)
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "export":
+        from diffalign.export_cli import run as run_export
+
+        return run_export(args)
     if args.command == "demo":
         from diffalign.demo import run_demo
 

@@ -37,11 +37,13 @@ def add_lora(denoiser: torch.nn.Module, cfg: LoraConfig) -> list[torch.nn.Parame
 
 
 def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights with diffusers key names (without the family's prefix)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter weights in peft's spelling (``<module>.lora_A.weight`` / ``lora_B``), without the family's
+    prefix: the one spelling diffusers' loaders read for every module. (diffusers' convert_state_dict_to_diffusers
+    renames only attention projections, to ``lora.down``/``lora.up``, and a file mixing both spellings loads only
+    part of its modules, since the loader picks the spelling from the first key.)"""
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrap(denoiser), adapter_name=ADAPTER))
+    return get_peft_model_state_dict(unwrap(denoiser), adapter_name=ADAPTER)
 
 
 def save_lora(model: DiffusionModel, directory: str | Path) -> Path:
