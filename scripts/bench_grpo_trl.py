@@ -23,10 +23,10 @@ Matched settings (defaults; flags change them on both sides at once):
   reward        minus JPEG size in kB at quality 95 (diffalign.rewards jpeg_compressibility; the trl child
                 reimplements it as a plain function with the same arithmetic)
 Known differences that remain (they are the libraries' designs, not settings):
-  * diffalign's GRPO wraps each trained step's denoiser call in torch.utils.checkpoint and backpropagates the
-    sum over steps once, so it runs 10 extra UNet forwards per update (30 forward-equivalents + 10 backwards
-    vs DDPO's 20 + 10). `--variants nockpt` adds a diagnostic run with that checkpoint monkeypatched away in
-    the child process (grpo.py itself is untouched), to show what it costs.
+  * both sides backpropagate each trained step's loss before computing the next (diffalign's GRPO yields one
+    loss term per step, the trainer backpropagates each), so both run 20 UNet forward-equivalents and 10
+    backwards per update. (An earlier GRPO checkpointed each step's call and backpropagated once: 10 extra
+    forwards, 1.5x trl's step time in this benchmark.)
   * advantages: diffalign normalises within each prompt's group of 4, DDPO (per_prompt_stat_tracking=False)
     over the whole batch; trl shuffles timesteps per sample; diffalign's timesteps come from its own schedule
     code. None of these changes the amount of work.
@@ -34,7 +34,6 @@ Known differences that remain (they are the libraries' designs, not settings):
 Run (main venv; the trl venv is a separate one, see --trl-python):
     .venv/bin/diffalign tiny sd15 /work/bench-ddpo/sd15
     .venv/bin/python scripts/bench_grpo_trl.py --pretrained /work/bench-ddpo/sd15 --steps 20 --warmup 2 --rounds 2
-    .venv/bin/python scripts/bench_grpo_trl.py --variants nockpt      # + diffalign without the checkpoint
     .venv/bin/python scripts/bench_grpo_trl.py --profile --steps 3 --rounds 1   # + torch.profiler, one step
     --diffalign-src /path/to/export measures another copy of the package (e.g. `git archive HEAD diffalign`)
   On a shared machine the load varies: the table prints the 1-minute load average at both ends of each side;
@@ -82,8 +81,6 @@ def run_diffalign(args: argparse.Namespace) -> dict:
     from diffalign.config import load_config
     from diffalign.trainer import Trainer
 
-    if args.variant == "nockpt":     # diagnostic only: call step_gaussian directly, keeping its activations
-        grpo.checkpoint = lambda fn, *a, use_reentrant=False: fn(*a)
     imported = time.perf_counter()
     overrides = [
         f"model.pretrained={args.pretrained}", f"output_dir={args.root}/run-diffalign-{args.variant}",
@@ -136,8 +133,8 @@ def run_diffalign(args: argparse.Namespace) -> dict:
         "cpu_step_s": sum(cpu_times[args.warmup:]) / len(timed), "load": [load_before, os.getloadavg()[0]],
         "phase_s": {"sample (incl. text encode, VAE decode)": sample, "reward": per["reward"], "update": update},
         "sample_detail_s": {"text encode": per["text"], "rollout (UNet)": per["rollout"], "VAE decode": per["decode"]},
-        "update_detail_s": {"loss forward (checkpointed)": update - per["backward"] - per["optimizer"],
-                            "backward (incl. recompute)": per["backward"], "optimizer.step": per["optimizer"]},
+        "update_detail_s": {"loss forward": update - per["backward"] - per["optimizer"],
+                            "backward": per["backward"], "optimizer.step": per["optimizer"]},
         "trainable_params": sum(p.numel() for p in trainer.params),
         "import_s": imported - PROCESS_START, "setup_s": loaded - imported,
         "in_process_s": time.perf_counter() - PROCESS_START, "threads": torch.get_num_threads(),
@@ -235,7 +232,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--order", default="diffalign,trl", help="which side runs first (flipped every round)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of both sides")
-    parser.add_argument("--variants", default="", help="extra diffalign variants: nockpt")
     parser.add_argument("--diffalign-src", default="", help="measure the diffalign package in this folder (e.g. a "
                                                             "`git archive HEAD` export) instead of the installed one")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one diffalign step")
@@ -253,7 +249,6 @@ def main() -> None:
     for k in range(args.rounds):                 # interleaved, the order flipped every round: drifting load
         order = args.order.split(",")            # from other processes then hits both sides alike
         runs = [child(side, args) for side in (order if k % 2 == 0 else order[::-1])]
-        runs += [child("diffalign", args, variant) for variant in filter(None, args.variants.split(","))]
         runs.sort(key=lambda rw: (rw[0]["side"] != "diffalign", rw[0]["side"] == "trl"))
         all_runs.append(runs)
         print_table(args, runs, f"round {k + 1} of {args.rounds} (order: {', '.join(r['side'] for r, _ in runs)})")
