@@ -122,7 +122,8 @@ def test_report_is_valid_self_contained_html(tmp_path, grid_png):
     for img in images:
         _decode_image(img.get("src"))
     assert "http://" not in text and "https://" not in text
-    assert "<script" not in text
+    scripts = html5lib.HTMLParser(namespaceHTMLElements=False).parse(text).findall(".//script")
+    assert len(scripts) == 1 and scripts[0].get("src") is None          # one inline script: the prompt pager
     assert not list(tmp_path.joinpath("out").glob(".tmp-*"))  # the temporary file was renamed away
 
 
@@ -185,3 +186,36 @@ def test_training_curves_figure():
         "grad_norm",
     ]
     assert training_curves_figure({"run": []}) is None
+
+
+def test_per_prompt_view_puts_every_models_image_of_a_prompt_side_by_side(tmp_path):
+    from diffalign.eval.report import smoothed
+
+    records, scores = [], {"brightness": []}
+    for prompt_index, prompt in enumerate(["a <red> circle", "a blue square"]):
+        for seed in (0, 1):
+            for model, shade in (("base", 40), ("dpo", 200)):
+                path = tmp_path / f"{model}_{prompt_index}_{seed}.png"
+                Image.new("RGB", (64, 32), (shade, shade, shade)).save(path)
+                records.append({"checkpoint": model, "prompt": prompt, "prompt_index": prompt_index, "seed": seed,
+                                "path": str(path)})
+                scores["brightness"].append(shade / 255)
+    out = write_report(tmp_path / "out" / "report.html", title="t", settings={}, results={"models": {}},
+                       grids=[], scores={}, curves={}, records=records, record_scores=scores)
+    tree = html5lib.HTMLParser(strict=True, namespaceHTMLElements=False).parse(out.read_text(encoding="utf-8"))
+    views = tree.findall(".//section")
+    assert [v.get("data-prompt") for v in views] == ["0", "1"]
+    assert views[0].find("h3").text == "0: a <red> circle"                     # escaped, then parsed back
+    heads = [th.text for th in views[0].find(".//tr").findall("th")]
+    assert heads == [None, "base", "dpo"]
+    cells = views[1].findall(".//td")
+    assert len(cells) == 4 and [c.find("div").text for c in cells[:2]] == ["brightness 0.15686", "brightness 0.78431"]
+    thumb = _decode_image(cells[1].find("img").get("src"))
+    assert thumb.size == (64, 32)             # thumbnails shrink to THUMB px at most, never enlarge
+    assert len(tree.findall(".//option")) == 2
+    no_view = write_report(tmp_path / "o2" / "report.html", title="t", settings={}, results={"models": {}},
+                           grids=[], scores={}, curves={})
+    assert "<h2>Per prompt</h2>" not in no_view.read_text(encoding="utf-8")
+    assert smoothed([1.0, 3.0]) == [1.0, 3.0]                                   # too few points: raw
+    ema = smoothed([0.0, 10.0], weight=0.5)     # debiased: 0, then (0.5*0 + 0.5*10) / (1 - 0.25) = 6.667
+    assert ema[0] == 0.0 and abs(ema[1] - 20 / 3) < 1e-12

@@ -49,7 +49,8 @@ def evaluate(cfg: Config) -> dict[str, Any] | None:
     grids = write_grids(records, scores, cfg, out / "grids")
     curves = training_logs(cfg)
     write_report(out / "report.html", title=f"diffalign evaluation: {cfg.name}", settings=results["settings"],
-                 results=results, grids=grids, scores=by_model(records, scores), curves=curves)
+                 results=results, grids=grids, scores=by_model(records, scores), curves=curves,
+                 records=records, record_scores=scores)
     return results
 
 

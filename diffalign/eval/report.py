@@ -1,4 +1,6 @@
-"""One self-contained HTML evaluation report: settings, win-rate table, matplotlib plots and image grids.
+"""One self-contained HTML evaluation report: settings, win-rate table, matplotlib plots, a per-prompt view
+(every model's images of one prompt side by side with their scores, paged with buttons or the arrow keys) and
+the image grids.
 
 Everything is inline (CSS in a ``<style>`` element, images as base64 ``data:`` URIs), so the file can be
 mailed or archived on its own. Figures are rendered with matplotlib's object API on an Agg canvas; the
@@ -39,6 +41,36 @@ td.better { background: #d9f2d9; }
 td.worse { background: #f6d5d5; }
 img { max-width: 100%; display: block; margin: 0.5em 0; }
 figcaption { color: #555; font-size: 0.9em; }
+.prompt-nav { display: flex; gap: 0.5em; align-items: center; margin: 0.5em 0; }
+.prompt-view table img { width: THUMBpx; height: auto; margin: 0; }
+.prompt-view .score { font-size: 0.85em; color: #444; }
+.js .prompt-view { display: none; }
+.js .prompt-view.shown { display: block; }
+"""
+THUMB = 192          # px: the long side of the per-prompt view's images
+PAGER = """
+document.documentElement.classList.add("js");
+window.addEventListener("DOMContentLoaded", function () {
+  var views = document.querySelectorAll(".prompt-view");
+  var pick = document.getElementById("prompt-pick");
+  if (!views.length || !pick) return;
+  var at = 0;
+  function show(k) {
+    at = (k + views.length) % views.length;
+    views.forEach(function (v, i) { v.classList.toggle("shown", i === at); });
+    pick.value = String(at);
+    document.getElementById("prompt-count").textContent = (at + 1) + " / " + views.length;
+  }
+  document.getElementById("prompt-prev").addEventListener("click", function () { show(at - 1); });
+  document.getElementById("prompt-next").addEventListener("click", function () { show(at + 1); });
+  pick.addEventListener("change", function () { show(parseInt(pick.value, 10)); });
+  document.addEventListener("keydown", function (e) {
+    if (e.target === pick) return;
+    if (e.key === "ArrowLeft") show(at - 1);
+    if (e.key === "ArrowRight") show(at + 1);
+  });
+  show(0);
+});
 """
 
 
@@ -118,8 +150,21 @@ def _metric_names(curves: dict[str, list[dict]]) -> list[str]:
     return ordered + ["lr"] if "lr" in names else ordered
 
 
+def smoothed(values: list[float], weight: float | None = None) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing); the weight grows with the number of points,
+    0 for fewer than 5 (raw), up to 0.9 for 200 or more."""
+    if weight is None:
+        weight = 0.0 if len(values) < 5 else min(0.9, 1 - 5 / len(values))
+    out, mean, norm = [], 0.0, 0.0
+    for v in values:
+        mean, norm = weight * mean + (1 - weight) * v, weight * norm + (1 - weight)
+        out.append(mean / norm)
+    return out
+
+
 def training_curves_figure(curves: dict[str, list[dict]]) -> bytes | None:
-    """PNG of training metrics against step, one subplot per metric and one line per run.
+    """PNG of training metrics against step, one subplot per metric and one line per run: the logged values
+    faint, their smoothed curve (:func:`smoothed`) bold.
 
     ``curves[run_label]`` holds the rows of that run's ``metrics.jsonl``. Returns None when there are no
     rows (or no numeric metrics in them).
@@ -133,7 +178,8 @@ def training_curves_figure(curves: dict[str, list[dict]]) -> bytes | None:
             points = [(row.get("step", k), row[metric]) for k, row in enumerate(rows) if _is_number(row.get(metric))]
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, linewidth=1.2, label=_plain(label))
+                raw = ax.plot(xs, ys, linewidth=0.8, alpha=0.35)[0]
+                ax.plot(xs, smoothed(list(ys)), linewidth=1.6, color=raw.get_color(), label=_plain(label))
         ax.set_title(_plain(metric))
         ax.set_xlabel("step")
         ax.legend(fontsize="small")
@@ -251,6 +297,53 @@ def _figure_section(title: str, png: bytes | None, missing: str) -> str:
     return f'<h2>{_esc(title)}</h2>\n<img src="{_data_uri(png, "image/png")}" alt="{_esc(title)}">'
 
 
+def _thumb_uri(path: Path) -> str:
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        img.thumbnail((THUMB, THUMB))
+        buffer = io.BytesIO()
+        img.save(buffer, format="JPEG", quality=85)
+    return _data_uri(buffer.getvalue(), "image/jpeg")
+
+
+def _prompt_section(records: list[dict], scores: dict[str, list[float]], image_root: Path) -> str:
+    """Per prompt: a table with one row per seed and one column per model (base first), each cell the image and
+    its scores; one prompt shown at a time, paged with Previous / Next, a list, or the arrow keys (all of them
+    shown when scripts are off)."""
+    if not records:
+        return ""
+    models = list(dict.fromkeys(r["checkpoint"] for r in records))
+    prompts: dict[int, dict] = {}
+    for i, r in enumerate(records):
+        entry = prompts.setdefault(r["prompt_index"], {"prompt": r["prompt"], "cells": {}})
+        entry["cells"][(r["seed"], r["checkpoint"])] = i
+    options, views = [], []
+    for k, (index, entry) in enumerate(sorted(prompts.items())):
+        options.append(f'<option value="{k}">{index}: {_esc(entry["prompt"][:80])}</option>')
+        seeds = sorted({seed for seed, _ in entry["cells"]})
+        rows = []
+        for seed in seeds:
+            cells = []
+            for model in models:
+                i = entry["cells"].get((seed, model))
+                if i is None:
+                    cells.append("<td>-</td>")
+                    continue
+                path = Path(records[i]["path"])
+                path = path if path.is_absolute() or path.exists() else image_root / path
+                text = " ".join(f"{_esc(label)} {values[i]:{MEAN_FORMAT}}" for label, values in scores.items())
+                cells.append(f'<td><img src="{_thumb_uri(path)}" alt="{_esc(model)} seed {seed}">'
+                             f'<div class="score">{text}</div></td>')
+            rows.append(f"<tr><th>seed {seed}</th>{''.join(cells)}</tr>")
+        header = "<tr><th></th>" + "".join(f"<th>{_esc(m)}</th>" for m in models) + "</tr>"
+        views.append(f'<section class="prompt-view" data-prompt="{index}"><h3>{index}: {_esc(entry["prompt"])}'
+                     f"</h3><table>{header}{''.join(rows)}</table></section>")
+    nav = ('<div class="prompt-nav"><button id="prompt-prev" type="button">&larr; Previous</button>'
+           f'<select id="prompt-pick">{"".join(options)}</select><button id="prompt-next" type="button">'
+           'Next &rarr;</button><span id="prompt-count"></span></div>')
+    return "<h2>Per prompt</h2>\n" + nav + "\n" + "\n".join(views)
+
+
 def _grids_section(grids: list[Path]) -> str:
     if not grids:
         return ""
@@ -271,11 +364,15 @@ def write_report(
     grids: list[Path],
     scores: dict[str, dict[str, list[float]]],
     curves: dict[str, list[dict]],
+    records: list[dict] | None = None,
+    record_scores: dict[str, list[float]] | None = None,
 ) -> Path:
     """Write the HTML report to ``path`` (atomically) and return that path.
 
     ``results`` is the content of ``results.json`` (``models`` and ``comparisons``), ``scores`` the per-image
-    scores for the distribution plot, ``curves`` each training run's metrics rows and ``grids`` image files.
+    scores for the distribution plot, ``curves`` each training run's metrics rows and ``grids`` image files;
+    ``records`` (the images' metadata rows) with ``record_scores`` (reward label -> one score per record) add the
+    per-prompt view.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,12 +385,14 @@ def write_report(
         _models_section(results.get("models", {}), ci),
         _figure_section("Score distributions", score_distribution_figure(scores), "No scores were recorded."),
         _figure_section("Training curves", training_curves_figure(curves), "No training logs were found."),
+        _prompt_section(records or [], record_scores or {}, path.parent),
         _grids_section(grids),
     ]
     body = "\n".join(s for s in sections if s)
     text = (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{_esc(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+        f"<title>{_esc(title)}</title>\n<style>{STYLE.replace('THUMB', str(THUMB))}</style>\n"
+        f"<script>{PAGER}</script>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
     )
     write_text_atomic(path, text)
     return path
