@@ -1,4 +1,5 @@
-"""Command line: ``diffalign train | cache | relabel | pairs | iterate | sample | eval | export | demo | tiny``."""
+"""Command line: ``diffalign train | cache | relabel | pairs | iterate | sample | eval | data check | export |
+demo | tiny``."""
 
 from __future__ import annotations
 
@@ -83,6 +84,16 @@ def _parser() -> argparse.ArgumentParser:
                                        "architecture; coloured shapes, 32 px)")
     tiny.add_argument("family", choices=["sd15", "sd2", "sdxl", "sd3", "flux", "toy", "toy-flow"])
     tiny.add_argument("path")
+    data = sub.add_parser("data", help="inspect a preference data set before training on it")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="decode every image of data.* once, in parallel, and report the "
+                                              "unreadable rows, ties, duplicates, prompt count and image sizes "
+                                              "(exit 1 when a pair cannot be read)")
+    check.add_argument("config", help="YAML config whose data.* section names the pairs")
+    check.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+    check.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding images")
+    check.add_argument("--json", default=None, help="also write the report to this JSON file")
+    check.add_argument("--show", type=int, default=20, help="unreadable pairs listed")
     from diffalign.export_cli import add_parser as add_export
 
     add_export(sub)
@@ -107,29 +118,39 @@ def _run(args: argparse.Namespace) -> int:
         print(write(args.path))
         return 0
     cfg = load_config(args.config, args.overrides)
-    if args.command == "relabel":
-        return _relabel(cfg, args)
-    if args.command == "pairs":
-        return _pairs(cfg, args)
-    if args.command == "iterate":
-        from diffalign.onpolicy import iterate
+    commands = {"relabel": _relabel, "data": _data, "pairs": _pairs, "iterate": _iterate, "cache": _cache,
+                "sample": _evaluate, "eval": _evaluate}
+    return commands.get(args.command, _train)(cfg, args)
 
-        for k, final in enumerate(iterate(cfg, _reward(args.reward), args.samples, args.iterations, args.margin), 1):
-            print(f"round {k}: {final}")
-        return 0
-    if args.command in ("sample", "eval"):
-        return _evaluate(cfg, args.command)
-    if args.command == "cache":
-        from diffalign.data.cache import build_cache
-        from diffalign.workers import is_main_process
 
-        path = build_cache(cfg)
-        if is_main_process():
-            print(path)
-        return 0
+def _train(cfg, args: argparse.Namespace) -> int:
     from diffalign.trainer import train
 
     print(f"final weights: {train(cfg)}")
+    return 0
+
+
+def _cache(cfg, args: argparse.Namespace) -> int:
+    from diffalign.data.cache import build_cache
+    from diffalign.workers import is_main_process
+
+    path = build_cache(cfg)
+    if is_main_process():
+        print(path)
+    return 0
+
+
+def _data(cfg, args: argparse.Namespace) -> int:
+    from diffalign.data.check import run_check
+
+    return run_check(cfg, args.workers, args.json, args.show)
+
+
+def _iterate(cfg, args: argparse.Namespace) -> int:
+    from diffalign.onpolicy import iterate
+
+    for k, final in enumerate(iterate(cfg, _reward(args.reward), args.samples, args.iterations, args.margin), 1):
+        print(f"round {k}: {final}")
     return 0
 
 
@@ -164,9 +185,10 @@ def _reward(spec: str):
         raise ConfigError(f"--reward: {err}") from None
 
 
-def _evaluate(cfg, command: str) -> int:
+def _evaluate(cfg, args: argparse.Namespace) -> int:
     from diffalign.workers import is_main_process
 
+    command = args.command
     if command == "sample":
         from diffalign.eval.sample import sample
 

@@ -490,3 +490,30 @@ def test_duplicate_pairs_are_counted_and_warned(tmp_path: Path, caplog: pytest.L
         ds = PreferencePairs(cfg(jsonl))
     assert ds.stats["duplicates"] == 2 and len(ds) == 4
     assert "2 pair(s) repeat an earlier pair (first: row 2 repeats row 0)" in caplog.text
+
+
+def test_data_check_reports_unreadable_rows_prompts_and_sizes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`diffalign data check` reads every pair (here with 2 workers) and names the row and file that fail."""
+    from diffalign import cli
+    from diffalign.data.toy import write_toy_pairs
+
+    pairs = write_toy_pairs(tmp_path / "toy", num_pairs=8, size=32)
+    lines = pairs.read_text().splitlines()
+    broken = json.loads(lines[3])["rejected"]
+    (tmp_path / "toy" / broken).write_bytes(b"not a png")                       # pair 3: a corrupt loser
+    small = json.loads(lines[5])["chosen"]
+    Image.new("RGB", (16, 24), (200, 30, 30)).save(tmp_path / "toy" / small)    # pair 5: below the resolution
+    report = tmp_path / "report.json"
+    code = cli.main(["data", "check", "configs/toy_dpo.yaml", f"data.path={pairs}", "--workers", "2",
+                     "--json", str(report)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"pair 3 (row 3): {pairs}: row 3 (line 4): cannot read rejected image {broken}" in out
+    saved = json.loads(report.read_text())
+    assert saved["pairs"] == 8 and saved["unreadable_pairs"] == 1 and saved["prompts"] == 8
+    assert saved["sizes"]["width"] == {"min": 16, "median": 32, "max": 32}
+    assert saved["sizes"]["below_resolution"] == 1 and saved["sizes"]["aspect_max"] == 1.5
+    (tmp_path / "toy" / broken).write_bytes((tmp_path / "toy" / small).read_bytes())
+    assert cli.main(["data", "check", "configs/toy_dpo.yaml", f"data.path={pairs}", "--workers", "0"]) == 0
+    assert "unreadable pairs: 0" in capsys.readouterr().out
+    assert cli.main(["data", "check", "configs/toy_dpo.yaml", f"data.path={tmp_path / 'missing.jsonl'}"]) == 2
