@@ -135,6 +135,10 @@ def _cache(cfg, args: argparse.Namespace) -> int:
     from diffalign.workers import is_main_process
 
     path = build_cache(cfg)
+    if cfg.data.reference_epochs and is_main_process():
+        from diffalign.data.reference import build_reference_errors
+
+        print(build_reference_errors(cfg))
     if is_main_process():
         print(path)
     return 0

@@ -81,6 +81,8 @@ class DataConfig:
                                    "few such batches of pixels and one shard of latents)", ge=1)
     cache_shard_pairs: int = opt(1024, "pairs per cache shard file; under a multi-process launch each process "
                                        "writes every world-th shard", ge=1)
+    reference_epochs: int = opt(0, "`diffalign cache` also computes the reference model's errors of every pair for "
+                                   "this many epochs (for method.reference=precomputed; 0 = none)", ge=0)
     num_workers: int = opt(2, "dataloader worker processes for decoding images (at most the CPU cores: more are "
                                  "clamped, with one warning)", ge=0)
 

@@ -25,7 +25,7 @@ from diffalign import runs
 from diffalign.config import Config, ConfigError, dump_config, to_dict
 from diffalign.data import open_training_data
 from diffalign.data.pairs import DataError
-from diffalign.data.sampler import EpochBatches
+from diffalign.data.sampler import EpochBatches, example_seeds
 from diffalign.models import load_model
 from diffalign.models.base import DiffusionModel, unwrap
 from diffalign.models.lora import add_lora, load_lora, save_lora
@@ -62,12 +62,6 @@ def make_trainable(model: DiffusionModel, cfg: Config, needs_reference: bool) ->
         model.denoiser.enable_gradient_checkpointing()
     model.denoiser.train()
     return params
-
-
-def example_seeds(seed: int, first: int, count: int) -> torch.Tensor:
-    """One seed per example from (train.seed, its global draw number first, first + 1, ...): the same example
-    gets the same seed whatever the process count."""
-    return torch.arange(first, first + count, dtype=torch.int64) + seed * 1_000_000_007
 
 
 def lasting(batch: dict) -> dict:
@@ -180,6 +174,7 @@ class Trainer:
                 raise ConfigError("data.offload_encoders needs a latent cache (data.cache_dir) and a pair method: "
                                   "otherwise every step encodes images and prompts")
             self.model.offload_encoders()
+        self.check_reference_epochs()
         if hasattr(self.data, "repeat_to"):          # a short prompt list still fills a global batch
             self.data.repeat_to(t.batch_size * self.acc.num_processes)
         self.optimizer = build_optimizer(cfg, self.params)
@@ -201,6 +196,19 @@ class Trainer:
             self.progress_grid = ProgressGrid(cfg, self.model)
 
     # ------------------------------------------------------------------------------ data
+    def check_reference_epochs(self) -> None:
+        """Precomputed reference errors must cover every epoch the run will reach (said now, not at that epoch)."""
+        have = getattr(self.data, "reference_epochs", None)
+        if have is None:
+            return
+        t = self.cfg.train
+        per_epoch = max(EpochBatches.per_epoch(len(self.data), t.batch_size, self.acc.num_processes), 1)
+        need = math.ceil(t.max_steps * t.grad_accum / per_epoch)
+        if need > have:
+            raise ConfigError(f"{self.cfg.data.cache_dir}: reference errors cover {have} epochs; train.max_steps = "
+                              f"{t.max_steps} reaches {need}. Rebuild them: `diffalign cache CONFIG "
+                              f"data.reference_epochs={need}`")
+
     def batches(self) -> Iterator[dict]:
         """Micro-batches from the current position on; the position is the count of micro-batches drawn."""
         t, acc = self.cfg.train, self.acc
@@ -217,11 +225,11 @@ class Trainer:
             loader = torch.utils.data.DataLoader(
                 self.data, batch_sampler=order, collate_fn=self.data.collate, num_workers=workers,
                 generator=torch.Generator().manual_seed(t.seed), persistent_workers=False)
-            for k, batch in enumerate(loader, start):
+            for drawn, batch in zip(iter(order), loader, strict=True):     # the same index lists, in order
                 self.micro_batches += 1
                 self.count_skipped(batch, epoch, per_epoch * t.batch_size)
-                first = ((epoch * per_epoch + k) * acc.num_processes + acc.process_index) * t.batch_size
-                batch["seeds"] = example_seeds(t.seed, first, t.batch_size)
+                kept = drawn if len(drawn) == batch["indices"].numel() else batch["indices"].tolist()  # skip_pair
+                batch["seeds"] = example_seeds(t.seed, epoch, len(self.data), kept)
                 yield batch
             epoch, start = epoch + 1, 0
 

@@ -1,6 +1,7 @@
 """The latent/text cache: same loss as the uncached path, stale caches refused, training from a cache."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from diffalign import cli
 from diffalign.config import ConfigError, load_config
 from diffalign.data.cache import CachedPairs, CacheError, build_cache
-from diffalign.data.pairs import PreferencePairs
+from diffalign.data.pairs import DataError, PreferencePairs
 from diffalign.data.toy import write_toy_pairs
 from diffalign.models import load_model
 from diffalign.models.lora import add_lora
@@ -172,3 +173,52 @@ def test_offloaded_encoders_train_from_the_cache(setup, monkeypatch):
         from diffalign.trainer import Trainer
 
         Trainer(load_config("configs/tiny_dpo_sdxl.yaml", [*args, "data.cache_dir=null", "data.offload_encoders=true"]))
+
+
+def test_precomputed_reference_errors_equal_the_online_reference_and_train_without_it(setup, tmp_path):
+    """`diffalign cache ... data.reference_epochs=2` stores the base model's errors per (epoch, pair) at each pair's
+    seeded draws; with method.reference=precomputed the DPO loss equals the one with the online reference at the
+    same draws, and full fine-tuning keeps no frozen copy."""
+    from diffalign.data.reference import build_reference_errors
+    from diffalign.data.sampler import example_seeds
+    from diffalign.methods.dpo import pair_errors, seeded_pairs
+    from diffalign.trainer import Trainer
+
+    root, args = setup
+    pre = [*args, "data.reference_epochs=2", "method.reference=precomputed"]
+    cfg = load_config("configs/tiny_dpo_sdxl.yaml", pre)
+    build_reference_errors(cfg)
+    data = CachedPairs(cfg)
+    assert data.reference_epochs == 2 and data.ref_errors.shape == (2, 10, 2)
+    model = load_model(cfg.model)
+    params = add_lora(model.denoiser, cfg.lora)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.02 * torch.randn_like(p))                        # the policy differs from the reference
+    data.set_epoch(1)
+    batch = data.collate([data[i] for i in (4, 9, 2)])
+    batch["seeds"] = example_seeds(cfg.train.seed, 1, len(data), [4, 9, 2])
+    pn, cond = seeded_pairs(model, batch)
+    with model.reference():
+        online = torch.stack(pair_errors(model, pn, cond), dim=1)
+    torch.testing.assert_close(online, batch["ref_errors"], atol=1e-6, rtol=1e-5)
+    err_w, err_l = pair_errors(model, pn, cond)
+    assert not torch.allclose(err_w, online[:, 0])                    # so the comparison can fail
+    loss, metrics = cfg.method.loss(model, batch)
+    from diffalign.losses import diffusion_dpo
+
+    expected, _ = diffusion_dpo(err_w, err_l, online[:, 0], online[:, 1], cfg.method.beta)
+    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-4)
+    full = load_config("configs/tiny_dpo_sdxl.yaml", [*pre, "lora.enabled=false", f"output_dir={tmp_path / 'ft'}",
+                                                      "train.max_steps=2", "train.checkpoint_every=0"])
+    trainer = Trainer(full)
+    assert trainer.model.ref_denoiser is None                         # no frozen copy
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 1 and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)   # policy = reference
+    assert rows[-1]["loss"] != pytest.approx(math.log(2), abs=1e-5)                            # then it trains
+    with pytest.raises(ConfigError, match=r"reference errors cover 2 epochs; train.max_steps = 20 reaches 4"):
+        Trainer(load_config("configs/tiny_dpo_sdxl.yaml", [*pre, f"output_dir={tmp_path / 'x'}",
+                                                           "train.max_steps=20"]))
+    with pytest.raises(DataError, match=r"reference errors were computed with other settings \(caption_dropout\)"):
+        CachedPairs(load_config("configs/tiny_dpo_sdxl.yaml", [*pre, "data.caption_dropout=0.1"]))

@@ -30,12 +30,12 @@ def caption_dropped(rng: random.Random, probability: float) -> bool:
     return rng.random() < probability
 
 
-def pair_latents(model: DiffusionModel, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, Cond]:
-    """A preference batch -> (x0 [2B, ...] as [winners; losers], Cond [2B]).
+def pair_inputs(model: DiffusionModel, batch: dict) -> tuple[Tensor, Tensor, Cond]:
+    """A preference batch -> (latent mean, latent std [2B, ...] as [winners; losers], Cond [2B]).
 
     Uncached batches carry ``pixels`` [2B,3,H,W] and ``prompts`` (B); cached ones carry ``latent_mean``,
     ``latent_std`` [2B, ...] and ``cond`` (a dict of Cond fields for the B prompts). Both carry
-    ``original_sizes`` and ``crops`` [2B,2]. x0 is a fresh sample of each image's latent distribution.
+    ``original_sizes`` and ``crops`` [2B,2].
     """
     from diffalign.models.base import Cond
 
@@ -47,4 +47,11 @@ def pair_latents(model: DiffusionModel, batch: dict, generator: torch.Generator 
         cond = model.encode_prompt(batch["prompts"])
     size = mean.shape[-1] * model.latent_factor
     cond = model.add_time_ids(cond.repeat(2), batch["original_sizes"], batch["crops"], (size, size))
+    return mean, std, cond
+
+
+def pair_latents(model: DiffusionModel, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, Cond]:
+    """A preference batch -> (x0 [2B, ...] as [winners; losers], Cond [2B]); x0 is a fresh sample of each image's
+    latent distribution (see :func:`pair_inputs`)."""
+    mean, std, cond = pair_inputs(model, batch)
     return model.sample_latents(mean, std, generator), cond

@@ -218,7 +218,9 @@ def build_cache(cfg: Config, model: DiffusionModel | None = None) -> Path:
 class CachedPairs(torch.utils.data.Dataset):
     """Pairs from a cache: items hold latent mean/std and the prompt's conditioning tensors."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, with_reference: bool | None = None) -> None:
+        """``with_reference`` (default: method.reference == "precomputed") adds each pair's precomputed reference
+        errors for the current epoch as ``ref_errors`` [B, 2] (``data/reference.py``)."""
         self.dir = Path(cfg.data.cache_dir)
         self.manifest = read_manifest(self.dir, cfg)
         self.seed, self.epoch, self.caption_dropout = cfg.train.seed, 0, cfg.data.caption_dropout
@@ -229,6 +231,13 @@ class CachedPairs(torch.utils.data.Dataset):
             self.index = self.index[: cfg.data.max_pairs]
         self._handles: dict[str, Any] = {}
         self._verify()
+        if with_reference is None:
+            with_reference = getattr(cfg.method, "reference", "online") == "precomputed"
+        self.ref_errors, self.reference_epochs = None, None
+        if with_reference:
+            from diffalign.data.reference import read_reference
+
+            self.ref_errors, self.reference_epochs = read_reference(cfg, len(self))
 
     def _verify(self) -> None:
         """Every shard's size and CRC-32 against the manifest, once when training opens the cache (not in each
@@ -277,6 +286,11 @@ class CachedPairs(torch.utils.data.Dataset):
         prompts = self._open(self.manifest["prompt_shards"][0]["file"])
         item["cond"] = {k: prompts.get_slice(k)[prompt_id] for k in prompts.keys()}
         item["index"] = i
+        if self.ref_errors is not None:
+            if self.epoch >= self.reference_epochs:
+                raise DataError(f"{self.dir}: reference errors were precomputed for {self.reference_epochs} epochs "
+                                f"and epoch {self.epoch} needs them; rebuild with a larger data.reference_epochs")
+            item["ref_errors"] = self.ref_errors[self.epoch, i]
         return item
 
     @staticmethod
@@ -287,5 +301,7 @@ class CachedPairs(torch.utils.data.Dataset):
         batch.update({k: pairs(k) for k in ("original_sizes", "crops")})
         batch["cond"] = {k: torch.stack([it["cond"][k] for it in items]).float() for k in items[0]["cond"]}
         batch["indices"] = torch.tensor([it["index"] for it in items])
+        if "ref_errors" in items[0]:
+            batch["ref_errors"] = torch.stack([it["ref_errors"] for it in items])
         batch["num_skipped"] = 0
         return batch

@@ -34,3 +34,11 @@ class EpochBatches:
         for k in range(self.start, self.per_epoch(self.num_items, self.batch_size, self.world)):
             lo = k * glob + self.rank * self.batch_size
             yield perm[lo: lo + self.batch_size]
+
+
+def example_seeds(seed: int, epoch: int, num_items: int, indices: list[int] | torch.Tensor) -> torch.Tensor:
+    """One seed per drawn example from (seed, epoch, its index in the epoch's item list): unique in a run, and the
+    same whatever the batch size, process count or position, so an example's noise can follow the example (and
+    be reproduced ahead of training, as precomputed reference errors are)."""
+    indices = torch.as_tensor(indices, dtype=torch.int64)
+    return seed * 1_000_000_007 + epoch * num_items + indices

@@ -24,8 +24,9 @@ Online methods add a collection phase, which the trainer runs for them:
     gather(tensor)    set by the trainer: the tensor concatenated over all processes in rank order (identity
                       with one process), for statistics over the global batch
 
-Batches carry ``seeds``: one integer per example from (train.seed, the example's global draw number), so a
-method can draw an example's noise the same way whatever the process count or batch layout.
+Batches carry ``seeds``: one integer per example from (train.seed, the epoch, the example's index;
+``data.sampler.example_seeds``), so a method can draw an example's noise the same way whatever the process
+count or batch layout, and ahead of training (precomputed reference errors).
 
 A method sees only the model contract (``models/base.py``) and ``model.schedule``; it never names a model
 family, a network class or a schedule type (``tests/test_layering.py`` checks this).
