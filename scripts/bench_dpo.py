@@ -38,7 +38,8 @@ def run_mode(args: argparse.Namespace) -> dict:
     overrides = [f"model.pretrained={root / args.family}", f"data.path={root / 'toy' / 'pairs.jsonl'}",
                  f"output_dir={root / ('run-' + args.mode)}", f"data.resolution={args.resolution}",
                  f"train.batch_size={args.batch}", f"lora.rank={args.rank}", "train.report_to=none",
-                 f"data.num_workers={args.workers}", f"method.name={args.method}", "train.lr=1e-4"]
+                 f"data.num_workers={args.workers}", f"method.name={args.method}", "train.lr=1e-4",
+                 f"train.max_steps={args.warmup + args.steps}"]
     if args.full_ft:
         overrides.append("lora.enabled=false")
     if args.mode in ("cached", "precomputed"):
@@ -51,8 +52,9 @@ def run_mode(args: argparse.Namespace) -> dict:
     if args.mode in ("cached", "precomputed"):
         build_cache(cfg, load_model(cfg.model))
     if args.mode == "precomputed":
-        from diffalign.data.reference import build_reference_errors
+        from diffalign.data.reference import ERRORS_FILE, build_reference_errors
 
+        (Path(cfg.data.cache_dir) / ERRORS_FILE).unlink(missing_ok=True)     # time a fresh precomputation
         started = time.perf_counter()
         build_reference_errors(cfg)
         precompute_s = time.perf_counter() - started
