@@ -47,8 +47,9 @@ class DataConfig:
                         "schema, or a .jsonl file of {prompt, chosen, rejected} image paths")
     prompts: str | list | None = opt(None, "prompts for prompt-only methods (AlignProp) and evaluation: a text "
                                            "file with one prompt per line, or a list")
-    format: str = opt("auto", "input format; auto picks jsonl for .jsonl files, pickapic otherwise",
-                      ("auto", "pickapic", "jsonl"))
+    format: str = opt("auto", "input format; auto picks jsonl for .jsonl files, folder for a folder of pair "
+                              "folders (prompt.txt, chosen.<ext>, rejected.<ext> in each), pickapic otherwise",
+                      ("auto", "pickapic", "jsonl", "folder"))
     split: str = opt("train", "split to read from a datasets name or folder")
     resolution: int = opt(1024, "square training resolution in pixels (a multiple of the VAE's latent factor, "
                                 "8 for SD)", ge=8)

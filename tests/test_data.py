@@ -517,3 +517,38 @@ def test_data_check_reports_unreadable_rows_prompts_and_sizes(tmp_path: Path, ca
     assert cli.main(["data", "check", "configs/toy_dpo.yaml", f"data.path={pairs}", "--workers", "0"]) == 0
     assert "unreadable pairs: 0" in capsys.readouterr().out
     assert cli.main(["data", "check", "configs/toy_dpo.yaml", f"data.path={tmp_path / 'missing.jsonl'}"]) == 2
+
+
+def test_a_folder_of_pair_folders_trains_like_jsonl(tmp_path: Path) -> None:
+    """data.format auto-detects a folder whose subfolders hold prompt.txt, chosen.<ext>, rejected.<ext>; pairs
+    equal the jsonl source's, layout errors name the subfolder, and a changed image changes the fingerprint."""
+    from diffalign.data.pairs import resolve_format, source_fingerprint
+    from diffalign.data.toy import write_toy_pairs
+
+    jsonl = write_toy_pairs(tmp_path / "toy", num_pairs=3, size=32)
+    root = tmp_path / "pairs"
+    for i, line in enumerate(jsonl.read_text().splitlines()):
+        record = json.loads(line)
+        folder = root / f"pair-{i:03d}"
+        folder.mkdir(parents=True)
+        (folder / "prompt.txt").write_text(record["prompt"] + "\n")
+        Image.open(tmp_path / "toy" / record["chosen"]).save(folder / "chosen.png")
+        Image.open(tmp_path / "toy" / record["rejected"]).convert("RGB").save(folder / "rejected.jpg", quality=100)
+    cfg = DataConfig(path=str(root), resolution=32)
+    assert resolve_format(cfg) == "folder"
+    folder_pairs, json_pairs = PreferencePairs(cfg), PreferencePairs(DataConfig(path=str(jsonl), resolution=32))
+    assert len(folder_pairs) == 3 and folder_pairs.prompt(2) == json_pairs.prompt(2)
+    torch.testing.assert_close(folder_pairs[1]["pixels"][0], json_pairs[1]["pixels"][0])     # the PNG winner
+    before = source_fingerprint(cfg)
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(root / "pair-001" / "chosen.png")
+    assert source_fingerprint(cfg) != before
+    (root / "pair-002" / "rejected.jpg").unlink()
+    with pytest.raises(DataError, match=r"pair-002: no rejected.<image> file"):
+        PreferencePairs(cfg)
+    (root / "pair-002" / "rejected.png").write_bytes(b"x")
+    (root / "pair-002" / "rejected.webp").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"pair-002: 2 rejected.<image> file\(s\)"):
+        PreferencePairs(cfg)
+    (root / "pair-002" / "rejected.webp").unlink()
+    with pytest.raises(BadImageError, match=r"row 2 \(pair-002\): cannot read rejected.png"):
+        PreferencePairs(cfg)[2]

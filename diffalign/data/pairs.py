@@ -1,12 +1,14 @@
 """Offline preference pairs (prompt, winner image, loser image) for Diffusion-DPO-style training.
 
-Two sources (``DataConfig.format``; ``auto`` picks jsonl for ``*.jsonl`` paths, pickapic otherwise):
+Three sources (``DataConfig.format``; ``auto`` picks jsonl for ``*.jsonl`` paths, folder for a folder whose
+subfolders hold ``prompt.txt``, pickapic otherwise):
 
 * Pick-a-Pic v2 schema: columns ``caption``, ``jpg_0``, ``jpg_1`` (image bytes, or datasets ``Image``
   dicts) and ``label_0`` (1 = image 0 preferred, 0 = image 1 preferred, 0.5 = tie), read from a parquet
   file, a folder of parquet files, or a datasets hub name. Only ``label_0`` is read up front; images are
   decoded per item.
 * JSONL: one ``{"prompt", "chosen", "rejected"}`` object per line; image paths relative to the file's folder.
+* Folder: one subfolder per pair with ``prompt.txt``, ``chosen.<ext>`` and ``rejected.<ext>`` (``data/folder.py``).
 
 Rows keep their source numbering (``row``: the parquet row, or the 0-based line index of the jsonl
 file), which every error message names. ``__getitem__`` returns the winner first: ``pixels[0]`` = winner,
@@ -402,11 +404,25 @@ def source_fingerprint(cfg: DataConfig) -> dict[str, Any]:
                 if image is not None and image.is_file():
                     images.update(f"{record[key]}:{_stat(image)};".encode())
         return {"jsonl_sha256": hashlib.sha256(text).hexdigest(), "images": images.hexdigest()}
+    if resolve_format(cfg) == "folder":
+        return {"folder": _folder_fingerprint(path, cfg.max_pairs)}
     if path.is_file():
         return {"parquet": {path.name: _stat(path)}}
     if path.is_dir():
         return {"parquet": {f.relative_to(path).as_posix(): _stat(f) for f in _split_files(path, cfg.split)}}
     return {"hub": cfg.path}
+
+
+def _folder_fingerprint(path: Path, max_pairs: int | None) -> str:
+    """A hash of every pair folder's prompt and its images' names, sizes and times."""
+    from diffalign.data.folder import FolderPairs
+
+    digest = hashlib.sha256()
+    for prompt, *images in FolderPairs(path, max_pairs).records:
+        digest.update(prompt.encode() + b"\0")
+        for image in images:
+            digest.update(f"{image.relative_to(path).as_posix()}:{_stat(image)};".encode())
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -422,7 +438,19 @@ def _check_config(cfg: DataConfig) -> None:
 def resolve_format(cfg: DataConfig) -> str:
     if cfg.format != "auto":
         return cfg.format
-    return "jsonl" if cfg.path.lower().endswith(".jsonl") else "pickapic"
+    if cfg.path.lower().endswith(".jsonl"):
+        return "jsonl"
+    path = Path(cfg.path).expanduser()
+    if path.is_dir() and any((sub / "prompt.txt").is_file() for sub in path.iterdir() if sub.is_dir()):
+        return "folder"
+    return "pickapic"
+
+
+def _open_folder(cfg: DataConfig) -> tuple[Any, dict[str, int]]:
+    from diffalign.data.folder import FolderPairs
+
+    source = FolderPairs(Path(cfg.path).expanduser(), cfg.max_pairs)
+    return source, {"rows": source.num_rows, "ties_dropped": 0, "pairs": int(source.rows.size)}
 
 
 class PreferencePairs(Dataset):
@@ -439,7 +467,7 @@ class PreferencePairs(Dataset):
         self.caption_dropout = cfg.caption_dropout if caption_dropout is None else float(caption_dropout)
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise DataError(f"caption_dropout = {self.caption_dropout} must be in [0, 1]")
-        opener = _open_jsonl if resolve_format(cfg) == "jsonl" else _open_pickapic
+        opener = {"jsonl": _open_jsonl, "folder": _open_folder}.get(resolve_format(cfg), _open_pickapic)
         self._source: _Source
         self._source, self.stats = opener(cfg)
         logger.info("%s: %d rows, %d ties dropped, %d pairs used", cfg.path, self.stats["rows"],
