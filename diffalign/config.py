@@ -61,6 +61,10 @@ class DataConfig:
     paired_transforms: bool = opt(True, "winner and loser share one crop and flip decision (as the diffusers "
                                         "SDXL DPO script and MaPO; DiffusionDPO and the diffusers SD 1.5 script "
                                         "flip each image independently)")
+    min_score_margin: float | None = opt(None, "jsonl pairs with `chosen_score` and `rejected_score` (e.g. reward "
+                                               "or human ratings): keep those whose scores differ by more than "
+                                               "this, the higher-scored image as winner; null = use chosen/rejected "
+                                               "as given", ge=0)
     ties: str = opt("drop", "pairs labelled 0.5: drop them (counted at start), or error",
                     ("drop", "error"))
     on_bad_image: str = opt("error", "a corrupt or missing image: raise naming the row and file, or drop the "

@@ -552,3 +552,24 @@ def test_a_folder_of_pair_folders_trains_like_jsonl(tmp_path: Path) -> None:
     (root / "pair-002" / "rejected.webp").unlink()
     with pytest.raises(BadImageError, match=r"row 2 \(pair-002\): cannot read rejected.png"):
         PreferencePairs(cfg)[2]
+
+
+def test_scored_jsonl_pairs_keep_those_above_the_margin_oriented_by_score(tmp_path: Path) -> None:
+    from diffalign.data.toy import write_toy_pairs
+
+    jsonl = write_toy_pairs(tmp_path / "toy", num_pairs=4, size=32)
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    scores = [(0.9, 0.1), (0.5, 0.45), (0.2, 0.8), (0.3, 0.3)]      # kept, within margin, flipped, tie
+    scored = tmp_path / "toy" / "scored.jsonl"
+    scored.write_text("".join(json.dumps({**r, "chosen_score": c, "rejected_score": w}) + "\n"
+                              for r, (c, w) in zip(records, scores, strict=True)))
+    pairs = PreferencePairs(DataConfig(path=str(scored), resolution=32, min_score_margin=0.1))
+    assert len(pairs) == 2 and [pairs.row(i) for i in range(2)] == [0, 2]
+    assert pairs.stats == {"rows": 4, "ties_dropped": 0, "pairs": 2, "duplicates": 0, "below_margin": 2,
+                           "flipped_by_score": 1}
+    plain = PreferencePairs(DataConfig(path=str(jsonl), resolution=32))
+    torch.testing.assert_close(pairs[1]["pixels"][0], plain[2]["pixels"][1])    # the rejected image now wins
+    torch.testing.assert_close(pairs[1]["pixels"][1], plain[2]["pixels"][0])
+    scored.write_text(scored.read_text() + json.dumps(records[0]) + "\n")
+    with pytest.raises(DataError, match=r"line 5: data.min_score_margin is set, so every line needs numeric"):
+        PreferencePairs(DataConfig(path=str(scored), resolution=32, min_score_margin=0.1))

@@ -47,7 +47,8 @@ log = logging.getLogger("diffalign")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
 TRANSFORM_KEYS = ("path", "format", "split", "resolution", "crop", "hflip", "paired_transforms", "ties",
-                  "on_bad_image", "null_prompt", "outside_paths", "max_pairs", "cache_dtype", "cache_shard_pairs")
+                  "on_bad_image", "null_prompt", "outside_paths", "max_pairs", "cache_dtype", "cache_shard_pairs",
+                  "min_score_margin")
 
 
 class CacheError(DataError):

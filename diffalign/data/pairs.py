@@ -317,6 +317,7 @@ class _Jsonl:
         self.path = path
         rows: list[int] = []
         self._records: list[tuple[str, str, str]] = []
+        self.below_margin = self.flipped = 0
         with path.open(encoding="utf-8") as lines:
             for index, line in enumerate(lines):
                 if line.strip():
@@ -324,14 +325,37 @@ class _Jsonl:
                     record = _parse_line(line, where, cfg.null_prompt)
                     if not cfg.outside_paths:
                         _check_inside(record, where)
+                    if cfg.min_score_margin is not None:
+                        record = self._by_score(record, line, where, cfg.min_score_margin)
+                        if record is None:
+                            continue
                     self._records.append(record)
                     rows.append(index)
         max_pairs = cfg.max_pairs
         if not rows:
-            raise DataError(f"{path}: no pairs (the file has no non-blank lines)")
-        self.num_rows = len(rows)
+            raise DataError(f"{path}: no pairs (the file has no non-blank lines"
+                            + (f", or none above data.min_score_margin = {cfg.min_score_margin})"
+                               if cfg.min_score_margin is not None else ")"))
+        self.num_rows = len(rows) + self.below_margin
         self.rows = np.asarray(rows[:max_pairs], dtype=np.int64)
         self._records = self._records[:max_pairs]
+
+    def _by_score(self, record: tuple[str, str, str], line: str, where: str,
+                  margin: float) -> tuple[str, str, str] | None:
+        """Scored pairs: kept when |chosen_score - rejected_score| > margin, the higher-scored image as winner."""
+        scores = json.loads(line)
+        try:
+            diff = float(scores["chosen_score"]) - float(scores["rejected_score"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{where}: data.min_score_margin is set, so every line needs numeric `chosen_score` "
+                            "and `rejected_score`") from None
+        if abs(diff) <= margin:
+            self.below_margin += 1
+            return None
+        if diff < 0:
+            self.flipped += 1
+            return record[0], record[2], record[1]
+        return record
 
     def prompt(self, i: int) -> str:
         return self._records[i][0]
@@ -361,6 +385,10 @@ def _open_jsonl(cfg: DataConfig) -> tuple[_Jsonl, dict[str, int]]:
     source = _Jsonl(path, cfg)
     stats = {"rows": source.num_rows, "ties_dropped": 0, "pairs": int(source.rows.size),
              "duplicates": _count_duplicates(source._records, source.rows, cfg.path)}
+    if cfg.min_score_margin is not None:
+        stats.update(below_margin=source.below_margin, flipped_by_score=source.flipped)
+        logger.info("%s: %d pairs within data.min_score_margin = %g dropped, %d oriented by their scores",
+                    cfg.path, source.below_margin, cfg.min_score_margin, source.flipped)
     return source, stats
 
 
