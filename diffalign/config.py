@@ -133,6 +133,9 @@ class TrainConfig:
                                  "final/, metrics and eval samples first (otherwise such a folder is refused)")
     log_every: int = opt(10, "log metrics every N steps", ge=1)
     report_to: str = opt("tensorboard", "accelerate tracker", ("tensorboard", "wandb", "none"))
+    process_timeout_s: int = opt(1800, "seconds a process waits for the others at a collective (a checkpoint, the "
+                                       "main process's in-training evaluation) before the run fails instead of "
+                                       "hanging; raise it when evaluation or checkpoints take longer", ge=1)
 
     def __post_init__(self) -> None:
         betas = self.adam_betas

@@ -144,14 +144,17 @@ def divergence_advice(out: Path, step: int) -> str:
 
 class Trainer:
     def __init__(self, cfg: Config) -> None:
+        from datetime import timedelta
+
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         t = cfg.train
         self.acc = Accelerator(mixed_precision=t.mixed_precision, project_dir=str(self.out), cpu=_cpu_only(),
-                               log_with=None if t.report_to == "none" else t.report_to)
+                               log_with=None if t.report_to == "none" else t.report_to,
+                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.process_timeout_s))])
         _check_world(self.acc.num_processes)
         set_seed(t.seed, device_specific=True)
         self.method = cfg.method

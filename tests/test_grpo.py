@@ -116,8 +116,10 @@ from diffalign.trainer import Trainer
 
 out, pipeline, batch_size = sys.argv[1], sys.argv[2], sys.argv[3]
 cfg = load_config("configs/tiny_grpo_sd15.yaml", [f"model.pretrained={pipeline}", f"output_dir={out}/run",
-                  f"train.batch_size={batch_size}", "method.num_steps=2", "method.reward=prompt_colour"])
+                  f"train.batch_size={batch_size}", "method.num_steps=2", "method.reward=prompt_colour",
+                  "train.process_timeout_s=123"])
 trainer = Trainer(cfg)
+assert trainer.acc.init_handler.timeout.total_seconds() == 123         # the process group's timeout
 results = {}
 for mode in ("group", "group_batch_std", "per_prompt"):
     trainer.method.advantages = mode
