@@ -55,22 +55,13 @@ from pathlib import Path
 
 PROCESS_START = time.perf_counter()
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _ddpo_trl_child import PhaseTimer  # noqa: E402  (the same phase timer on both sides; no trl import at top)
+
 PROMPTS = ["a red circle", "a red square", "a green circle", "a green square",
            "a blue circle", "a blue square", "a yellow circle", "a yellow square"]
 
 
-class PhaseTimer:
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-
-    def wrap(self, name: str, fn):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-        return timed
 
 
 def run_diffalign(args: argparse.Namespace) -> dict:
