@@ -171,6 +171,7 @@ class Trainer:
                 raise ConfigError("lora.init_from starts LoRA adapters; it needs lora.enabled=true")
             load_lora(self.model, cfg.lora.init_from)
             log.info("LoRA adapters start from %s", cfg.lora.init_from)
+        self.build_missing_cache()
         self.data = open_training_data(cfg, self.model)
         if cfg.data.offload_encoders:
             if not cfg.data.cache_dir or self.method.data != "pairs":
@@ -199,6 +200,19 @@ class Trainer:
             self.progress_grid = ProgressGrid(cfg, self.model)
 
     # ------------------------------------------------------------------------------ data
+    def build_missing_cache(self) -> None:
+        """data.cache_dir set but not built yet: build it now with the encoders already loaded, in this process
+        (every launched process writes its shards, as `diffalign cache` does), instead of a second process start.
+        A cache that exists but is stale is still refused with its differences: nothing is deleted here."""
+        cache = self.cfg.data.cache_dir
+        if not cache or self.method.data != "pairs" or (Path(cache) / "manifest.json").is_file():
+            return
+        from diffalign.data.cache import build_cache
+
+        log.info("data.cache_dir=%s has no cache yet: building it before training", cache)
+        build_cache(self.cfg, self.model)
+        self.acc.wait_for_everyone()
+
     def check_reference_epochs(self) -> None:
         """Precomputed reference errors must cover every epoch the run will reach (said now, not at that epoch)."""
         have = getattr(self.data, "reference_epochs", None)

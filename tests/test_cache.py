@@ -75,6 +75,15 @@ def test_missing_cache_names_the_command(setup, tmp_path):
         CachedPairs(cfg)
 
 
+def test_train_builds_a_missing_cache_first_in_the_same_process(setup, tmp_path):
+    _, args = setup
+    cache, out = tmp_path / "fresh-cache", tmp_path / "run"
+    assert cli.main(["train", "configs/tiny_dpo_sdxl.yaml", *args, f"data.cache_dir={cache}", f"output_dir={out}",
+                     "train.max_steps=1", "train.checkpoint_every=0"]) == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["num_pairs"] == 10 and (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_up_to_date_cache_is_not_rebuilt(setup):
     root, args = setup
     shard = root / "cache" / "pairs-00000.safetensors"
