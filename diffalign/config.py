@@ -118,6 +118,9 @@ class TrainConfig:
     weight_decay: float = opt(1e-2, "decoupled weight decay", ge=0)
     adam_betas: list = opt([0.9, 0.999], "AdamW betas")
     adam_eps: float = opt(1e-8, "AdamW epsilon", gt=0)
+    fused_adamw: bool | None = opt(None, "AdamW's fused implementation: one kernel per step, and a non-finite "
+                                         "step is skipped on the device, so the NaN guard's host sync moves off "
+                                         "the critical path (read after the next step's backward); null = on CUDA")
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null disables clipping", gt=0)
     mixed_precision: str = opt("no", "autocast precision; frozen weights are stored in it", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute denoiser activations in backward")

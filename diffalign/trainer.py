@@ -45,8 +45,10 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
 
         return Adafactor(params, lr=t.lr, weight_decay=t.weight_decay, scale_parameter=False,
                          relative_step=False, warmup_init=False)
+    fused = t.fused_adamw if t.fused_adamw is not None else (
+        bool(params) and all(p.device.type == "cuda" for p in params))
     return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                             weight_decay=t.weight_decay)
+                             weight_decay=t.weight_decay, fused=fused or None)
 
 
 def make_trainable(model: DiffusionModel, cfg: Config, needs_reference: bool) -> list[torch.nn.Parameter]:
@@ -190,6 +192,7 @@ class Trainer:
         self.step = 0
         self.micro_batches = 0        # micro-batches this process has drawn, whole skipped ones included
         self.held: list[dict] = []    # prepared micro-batches kept for the method's next updates
+        self.pending: tuple[torch.Tensor, int] | None = None   # the last step's non-finite flag, not yet read
         if self.acc.num_processes > 1:
             self.method.gather = self.acc.gather
         self.skipped = {"epoch": -1, "pairs": 0, "run": 0}
@@ -302,8 +305,20 @@ class Trainer:
             self.average_gradients()
         max_norm = t.max_grad_norm if t.max_grad_norm is not None else math.inf
         grad_norm = acc.clip_grad_norm_(self.params, max_norm)
-        self.check_finite(sums["loss"], grad_norm)
-        self.optimizer.step()
+        self.resolve_pending()                  # the previous step's check: its flag is long computed by now
+        bad = self.nonfinite(sums["loss"], grad_norm)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if self.defer_check:                    # fused AdamW skips the update on the device when bad > 0
+            inner.found_inf, inner.grad_scale = (bad > 0).float(), None
+            try:
+                self.optimizer.step()
+            finally:
+                del inner.found_inf, inner.grad_scale
+            self.pending = (bad, self.step + 1)
+        else:
+            self.pending = (bad, self.step + 1)
+            self.resolve_pending()
+            self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.method.updates_per_batch == 1:
@@ -324,15 +339,32 @@ class Trainer:
         for p, g in zip(self.params, flat.split([g.numel() for g in grads]), strict=True):
             p.grad = g.view_as(p).to(p.dtype)
 
-    def check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Stop, on every process alike, before a non-finite update is applied."""
+    @property
+    def defer_check(self) -> bool:
+        """Fused AdamW (not under fp16's grad scaler, which sets the skip flag itself) can skip a bad step on the
+        device, so its check may wait for the next step instead of stalling this one."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return (isinstance(inner, torch.optim.AdamW) and bool(inner.defaults.get("fused"))
+                and self.cfg.train.mixed_precision != "fp16")
+
+    def nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """A device flag, summed over every process, > 0 when a loss or gradient norm is not finite."""
         bad = (~torch.isfinite(loss.detach().to(self.acc.device))).float()
         if self.cfg.train.mixed_precision != "fp16":   # in fp16 the grad scaler skips inf steps itself
             bad = bad + (~torch.isfinite(torch.as_tensor(grad_norm, device=self.acc.device))).float()
-        if self.acc.reduce(bad, reduction="sum").item() > 0:
+        return self.acc.reduce(bad, reduction="sum")
+
+    def resolve_pending(self) -> None:
+        """Stop, on every process alike, if the last step's flag says it was not finite: its update was not
+        applied (skipped on the device, or never run) and nothing was written since."""
+        if self.pending is None:
+            return
+        bad, step = self.pending
+        self.pending = None
+        if bad.item() > 0:
             raise TrainingDiverged(
-                f"non-finite loss or gradient at step {self.step + 1}; the update was not applied and nothing "
-                f"was written. {divergence_advice(self.out, self.step + 1)} Try a lower train.lr, "
+                f"non-finite loss or gradient at step {step}; the update was not applied and nothing "
+                f"was written. {divergence_advice(self.out, step)} Try a lower train.lr, "
                 f"train.mixed_precision=bf16, or model.vae_dtype=float32.")
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -518,11 +550,15 @@ class Trainer:
             self.step += 1
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
+                self.resolve_pending()          # nothing is logged, evaluated or saved from a non-finite step
                 self.log_metrics(sums, bar, started)
             if every and (self.step % every == 0 or self.step == t.max_steps):
+                self.resolve_pending()
                 self.evaluate()
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                self.resolve_pending()
                 self.save_checkpoint()
+        self.resolve_pending()
         bar.close()
         final = self.out / "final"
         if acc.is_main_process:

@@ -121,6 +121,42 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tiny_pipelines, toy,
     assert load_file(out / "checkpoint-2" / "pytorch_lora_weights.safetensors")
 
 
+def test_fused_adamw_skips_a_non_finite_step_on_the_device_and_the_guard_stops_one_step_later(
+        tiny_pipelines, toy, tmp_path, monkeypatch):
+    """With train.fused_adamw the bad step's update is skipped by the optimizer itself (weights, moments and step
+    count unchanged) without a host sync; the flag is read after the next step's backward, before that step's
+    update, and stops the run naming the bad step. The CLI run ends as the synchronous guard's does."""
+    from diffalign.trainer import TrainingDiverged
+
+    poison_loss(monkeypatch, at_call=3)
+    cfg = load_config(None, overrides(tiny_pipelines, toy, tmp_path / "run", "sdxl", "train.max_steps=5",
+                                      "train.fused_adamw=true"))
+    trainer = Trainer(cfg)
+    assert trainer.defer_check
+    batches = trainer.batches()
+    for _ in range(2):
+        trainer.train_step(batches)
+        trainer.step += 1
+    before = {k: v.clone() for k, v in unwrap(trainer.model.denoiser).state_dict().items() if "lora" in k}
+    trainer.train_step(batches)                               # step 3: non-finite, no host sync, no raise yet
+    trainer.step += 1
+    after = {k: v for k, v in unwrap(trainer.model.denoiser).state_dict().items() if "lora" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)             # the update was skipped
+    with pytest.raises(TrainingDiverged, match="non-finite loss or gradient at step 3"):
+        trainer.train_step(batches)                           # found before step 4's update
+    now = {k: v for k, v in unwrap(trainer.model.denoiser).state_dict().items() if "lora" in k}
+    assert all(torch.equal(before[k], now[k]) for k in before)
+    monkeypatch.undo()
+    poison_loss(monkeypatch, at_call=3)
+    out = tmp_path / "cli"
+    assert cli.main(["train", "configs/tiny_dpo_sdxl.yaml", *overrides(
+        tiny_pipelines, toy, out, "sdxl", "train.max_steps=5", "train.checkpoint_every=2",
+        "train.fused_adamw=true")]) == 1
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    assert not (out / "final").exists()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_full_fine_tuning_uses_a_frozen_reference_copy(tiny_pipelines, toy, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(None, overrides(tiny_pipelines, toy, out, "sd15", "lora.enabled=false", "train.max_steps=1",
