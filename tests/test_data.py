@@ -573,3 +573,27 @@ def test_scored_jsonl_pairs_keep_those_above_the_margin_oriented_by_score(tmp_pa
     scored.write_text(scored.read_text() + json.dumps(records[0]) + "\n")
     with pytest.raises(DataError, match=r"line 5: data.min_score_margin is set, so every line needs numeric"):
         PreferencePairs(DataConfig(path=str(scored), resolution=32, min_score_margin=0.1))
+
+
+def test_ranked_lines_expand_to_every_pair_with_different_ranks(tmp_path: Path) -> None:
+    """HPDv2-style ranking: {"prompt", "images", "ranks"}, lower rank preferred; 4 images ranked 1, 2, 2, 3 give
+    the 5 pairs whose ranks differ, better image first; rows number the pairs, messages name the line."""
+    folder = tmp_path / "ranked"
+    folder.mkdir()
+    for k, shade in enumerate((10, 60, 110, 160)):
+        Image.new("RGB", (32, 32), (shade, shade, shade)).save(folder / f"{k}.png")
+    line = {"prompt": "a grey square", "images": ["2.png", "0.png", "3.png", "1.png"], "ranks": [2, 1, 3, 2]}
+    plain = {"prompt": "plain", "chosen": "0.png", "rejected": "3.png"}
+    (folder / "ranked.jsonl").write_text(json.dumps(line) + "\n\n" + json.dumps(plain) + "\n")
+    pairs = PreferencePairs(DataConfig(path=str(folder / "ranked.jsonl"), resolution=32))
+    assert len(pairs) == 6 and [pairs.row(i) for i in range(6)] == list(range(6))
+    named = [pairs._source._records[i][1:] for i in range(5)]
+    assert named == [("0.png", "2.png"), ("0.png", "1.png"), ("0.png", "3.png"), ("2.png", "3.png"),
+                     ("1.png", "3.png")]
+    assert pairs.prompt(5) == "plain"
+    (folder / "1.png").write_bytes(b"broken")
+    with pytest.raises(BadImageError, match=r"ranked.jsonl: row 4 \(line 1\): cannot read chosen image 1.png"):
+        pairs[4]
+    (folder / "bad.jsonl").write_text(json.dumps({"prompt": "x", "images": ["0.png"], "ranks": [1]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl, line 1: a ranked line needs"):
+        PreferencePairs(DataConfig(path=str(folder / "bad.jsonl"), resolution=32))

@@ -310,27 +310,42 @@ def _parse_line(line: str, where: str, null_prompt: str = "error") -> tuple[str,
     return record["prompt"], record["chosen"], record["rejected"]
 
 
+def _ranked_pairs(line: str, where: str) -> list[tuple[str, str, str]] | None:
+    """A ranked line, ``{"prompt", "images": [...], "ranks": [...]}`` (a lower rank is preferred, as in HPDv2's
+    ranking), expanded to every pair of images with different ranks, better one first; None for other lines."""
+    record = json.loads(line)
+    if not isinstance(record, dict) or "ranks" not in record:
+        return None
+    images, ranks, prompt = record.get("images"), record["ranks"], record.get("prompt")
+    if (not isinstance(images, list) or not isinstance(ranks, list) or len(images) != len(ranks) or len(images) < 2
+            or not all(isinstance(i, str) for i in images) or not isinstance(prompt, str)
+            or not all(isinstance(r, (int, float)) for r in ranks)):
+        raise DataError(f"{where}: a ranked line needs a string `prompt`, a list of 2 or more image paths "
+                        "`images` and as many numeric `ranks` (lower = preferred)")
+    order = sorted(range(len(images)), key=lambda k: ranks[k])
+    return [(prompt, images[a], images[b]) for x, a in enumerate(order) for b in order[x + 1:]
+            if ranks[a] < ranks[b]]
+
+
 class _Jsonl:
-    """Pairs listed in a jsonl file; ``rows`` are 0-based line indices (line number - 1)."""
+    """Pairs listed in a jsonl file; ``rows`` are 0-based line indices (line number - 1). A ranked line (see
+    :func:`_ranked_pairs`) gives several pairs: then ``rows`` number the pairs and ``lines`` keep their lines."""
 
     def __init__(self, path: Path, cfg: DataConfig) -> None:
         self.path = path
         rows: list[int] = []
+        self.lines: list[int] = []
         self._records: list[tuple[str, str, str]] = []
         self.below_margin = self.flipped = 0
         with path.open(encoding="utf-8") as lines:
             for index, line in enumerate(lines):
                 if line.strip():
-                    where = f"{path}, line {index + 1}"
-                    record = _parse_line(line, where, cfg.null_prompt)
-                    if not cfg.outside_paths:
-                        _check_inside(record, where)
-                    if cfg.min_score_margin is not None:
-                        record = self._by_score(record, line, where, cfg.min_score_margin)
-                        if record is None:
-                            continue
-                    self._records.append(record)
-                    rows.append(index)
+                    for record in self._line_pairs(line, f"{path}, line {index + 1}", cfg):
+                        self._records.append(record[:3])
+                        rows.append(index if record[3] else -1)     # ranked pairs are numbered below
+                        self.lines.append(index)
+        if -1 in rows:                                   # ranked lines: a row per pair
+            rows = list(range(len(rows)))
         max_pairs = cfg.max_pairs
         if not rows:
             raise DataError(f"{path}: no pairs (the file has no non-blank lines"
@@ -339,6 +354,21 @@ class _Jsonl:
         self.num_rows = len(rows) + self.below_margin
         self.rows = np.asarray(rows[:max_pairs], dtype=np.int64)
         self._records = self._records[:max_pairs]
+
+    def _line_pairs(self, line: str, where: str, cfg: DataConfig) -> list[tuple[str, str, str, bool]]:
+        """The pairs of one line, each (prompt, chosen, rejected, plain): one for a plain line (none when its
+        scores fall within data.min_score_margin), several for a ranked one."""
+        ranked = _ranked_pairs(line, where) if '"ranks"' in line else None
+        records = ranked if ranked is not None else [_parse_line(line, where, cfg.null_prompt)]
+        if not cfg.outside_paths:
+            for record in records:
+                _check_inside(record, where)
+        if ranked is not None:
+            return [(*record, False) for record in ranked]
+        record = records[0]
+        if cfg.min_score_margin is not None:
+            record = self._by_score(record, line, where, cfg.min_score_margin)
+        return [] if record is None else [(*record, True)]
 
     def _by_score(self, record: tuple[str, str, str], line: str, where: str,
                   margin: float) -> tuple[str, str, str] | None:
@@ -363,7 +393,7 @@ class _Jsonl:
     def images(self, i: int) -> tuple[Image.Image, Image.Image]:
         row = int(self.rows[i])
         _, chosen, rejected = self._records[i]
-        where = f"{self.path}: row {row} (line {row + 1}): cannot read"
+        where = f"{self.path}: row {row} (line {self.lines[i] + 1}): cannot read"
         folder = self.path.parent
         return (_read_image(folder / Path(chosen).expanduser(), f"{where} chosen image {chosen}"),
                 _read_image(folder / Path(rejected).expanduser(), f"{where} rejected image {rejected}"))
@@ -427,10 +457,12 @@ def source_fingerprint(cfg: DataConfig) -> dict[str, Any]:
                 record = json.loads(line) if line.strip() else None
             except json.JSONDecodeError:
                 record = None
-            for key in ("chosen", "rejected"):
-                image = path.parent / str(record.get(key, "")) if isinstance(record, dict) else None
-                if image is not None and image.is_file():
-                    images.update(f"{record[key]}:{_stat(image)};".encode())
+            names = ([record.get("chosen", ""), record.get("rejected", ""), *record.get("images", [])]
+                     if isinstance(record, dict) else [])
+            for name in names:
+                image = path.parent / str(name)
+                if image.is_file():
+                    images.update(f"{name}:{_stat(image)};".encode())
         return {"jsonl_sha256": hashlib.sha256(text).hexdigest(), "images": images.hexdigest()}
     if resolve_format(cfg) == "folder":
         return {"folder": _folder_fingerprint(path, cfg.max_pairs)}
