@@ -311,8 +311,8 @@ def _parse_line(line: str, where: str, null_prompt: str = "error") -> tuple[str,
 
 
 def _ranked_pairs(line: str, where: str) -> list[tuple[str, str, str]] | None:
-    """A ranked line, ``{"prompt", "images": [...], "ranks": [...]}`` (a lower rank is preferred, as in HPDv2's
-    ranking), expanded to every pair of images with different ranks, better one first; None for other lines."""
+    """A ranked line, ``{"prompt", "images": [...], "ranks": [...]}`` (a lower rank is preferred), expanded to
+    every pair of images with different ranks, the better one first; None for other lines."""
     record = json.loads(line)
     if not isinstance(record, dict) or "ranks" not in record:
         return None
