@@ -241,7 +241,7 @@ class Trainer:
         while True:
             self.data.set_epoch(epoch)
             order = EpochBatches(len(self.data), t.batch_size, t.seed, epoch, start, acc.process_index,
-                                 acc.num_processes)
+                                 acc.num_processes, order=getattr(self.data, "epoch_order", None))
             loader = torch.utils.data.DataLoader(
                 self.data, batch_sampler=order, collate_fn=self.data.collate, num_workers=workers,
                 generator=torch.Generator().manual_seed(t.seed), persistent_workers=False)
