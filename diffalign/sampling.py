@@ -8,7 +8,7 @@ denoiser's precision.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +28,13 @@ def guidance_on(guidance_scale: float, model: DiffusionModel | None = None) -> b
 # ------------------------------------------------------------------------------------------------ inversion
 @torch.no_grad()
 def invert(model: DiffusionModel, x0: Tensor, t: Tensor, cond: Cond, num_steps: int = 10, eta: float = 0.0,
-           generator: torch.Generator | None = None) -> Tensor:
+           generator: torch.Generator | None = None, draw: Callable[[torch.Size], Tensor] | None = None) -> Tensor:
     """Invert clean latents x0 [N,C,h,w] up to per-sample levels t [N] with the conditional denoiser, no gradient.
 
     The path of each sample is ``schedule.inversion_levels`` (the coarse published grid below t, then t itself);
     each move uses the prediction of model.predict (the policy, or the reference inside model.reference()) at
-    the level it starts from; with eta > 0 the schedule adds eta-scaled noise drawn from ``generator``. Only
+    the level it starts from; with eta > 0 the schedule adds eta-scaled noise: ``draw(x.shape[1:])`` ([N, ...]) for the
+    whole batch at every move (each pair's own draws: ``PairDraws.each``), else drawn from ``generator``. Only
     the samples still moving are fed to the denoiser, so a batch costs sum(path lengths), not max * N.
     """
     schedule = model.schedule
@@ -45,7 +46,9 @@ def invert(model: DiffusionModel, x0: Tensor, t: Tensor, cond: Cond, num_steps: 
         from_t, to_t, idx = s[idx].to(x.device), s_next[idx].to(x.device), idx.to(x.device)
         xs = x[idx]
         pred = model.predict(xs, from_t, cond.map(lambda v, i=idx: v[i]))
-        noise = torch.randn(x.shape, generator=generator, device=x.device)[idx] if eta > 0 else None
+        noise = None
+        if eta > 0:           # every sample draws at every move, moving or not: its draws do not depend on others
+            noise = (draw(x.shape[1:]) if draw else torch.randn(x.shape, generator=generator, device=x.device))[idx]
         x[idx] = schedule.invert_step(pred, xs, from_t, to_t, eta, noise)
     return x
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from diffalign import losses
-from diffalign.data.batches import pair_latents
+from diffalign.data.batches import pair_inputs
 from diffalign.methods.base import Method
 from diffalign.methods.dpo import PairNoise, pair_errors
+from diffalign.methods.draws import PairDraws
 from diffalign.models.base import Cond, DiffusionModel
 from diffalign.options import opt
 from diffalign.sampling import invert
@@ -32,20 +33,24 @@ class DDIMInPO(Method):
     needs_reference = True
     data = "pairs"
 
-    def invert(self, model: DiffusionModel, x0: Tensor, cond: Cond) -> PairNoise:
+    def invert(self, model: DiffusionModel, x0: Tensor, cond: Cond, draws: PairDraws | None = None) -> PairNoise:
         """x_t by inverting [winners; losers] up to a t shared within each pair; the target is built from the
-        noise eps~ that maps x0 to the inverted x_t (the paper's reparameterised DPO target)."""
-        b, schedule = x0.shape[0] // 2, model.schedule
-        t = schedule.sample_t(b, x0.device).repeat(2)
+        noise eps~ that maps x0 to the inverted x_t (the paper's reparameterised DPO target). t and the
+        inversion's noise come from each pair's generator (``draws``; fresh ones when not given)."""
+        schedule = model.schedule
+        draws = draws or PairDraws.of({}, x0.shape[0] // 2, x0.device)
+        t = draws.levels(schedule)
         use_reference = model.reference() if self.inversion_model == "reference" else contextlib.nullcontext()
         with use_reference:
-            x_t = invert(model, x0, t, cond, self.inversion_steps, self.inversion_eta)
+            x_t = invert(model, x0, t, cond, self.inversion_steps, self.inversion_eta, draw=draws.each)
         eps = schedule.noise_from_xt(x_t, x0, t)
         return PairNoise(t=t, x_t=x_t, target=schedule.target(x0, eps, t))
 
     def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        x0, cond = pair_latents(model, batch)
-        pn = self.invert(model, x0, cond)
+        mean, std, cond = pair_inputs(model, batch)
+        draws = PairDraws.of(batch, mean.shape[0] // 2, mean.device)
+        x0 = mean.float() + std.float() * draws.each(mean.shape[1:])     # then t and the inversion's noise
+        pn = self.invert(model, x0, cond, draws)
         err_w, err_l = pair_errors(model, pn, cond)
         with model.reference():
             ref_err_w, ref_err_l = pair_errors(model, pn, cond)

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from diffalign import losses
-from diffalign.data.batches import pair_latents
 from diffalign.methods.base import Method
-from diffalign.methods.dpo import noise_pairs, pair_errors
+from diffalign.methods.dpo import pair_errors, seeded_pairs
 from diffalign.models.base import DiffusionModel
 from diffalign.options import opt
 
@@ -24,7 +23,6 @@ class MaPO(Method):
     data = "pairs"
 
     def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        x0, cond = pair_latents(model, batch)
-        pn = noise_pairs(model, x0)
+        pn, cond = seeded_pairs(model, batch)
         err_w, err_l = pair_errors(model, pn, cond)     # one UNet call on [winners; losers]; no reference
         return losses.mapo(err_w, err_l, self.beta, num_timesteps=model.schedule.num_train_timesteps)
