@@ -43,14 +43,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = opt("", "preference pairs: a datasets hub name, a folder or parquet file in the Pick-a-Pic "
-                        "schema, or a .jsonl file of {prompt, chosen, rejected} image paths")
+    path: str = opt("", "preference pairs: a datasets hub name; a parquet file, folder or glob in the Pick-a-Pic "
+                        "schema (or an fsspec URL to one: s3://..., hf://datasets/...); webdataset tar shards (a "
+                        ".tar file, folder, glob or {000..099} pattern); or a .jsonl file of {prompt, chosen, "
+                        "rejected} image paths")
     prompts: str | list | None = opt(None, "prompts for prompt-only methods (AlignProp) and evaluation: a text "
                                            "file with one prompt per line, or a list")
     format: str = opt("auto", "input format; auto picks jsonl for .jsonl files, folder for a folder of pair "
-                              "folders (prompt.txt, chosen.<ext>, rejected.<ext> in each), pickapic otherwise",
-                      ("auto", "pickapic", "jsonl", "folder"))
+                              "folders (prompt.txt, chosen.<ext>, rejected.<ext> in each), webdataset for .tar "
+                              "shards (KEY.jpg_0, KEY.jpg_1, KEY.json per sample), pickapic otherwise",
+                      ("auto", "pickapic", "jsonl", "folder", "webdataset"))
     split: str = opt("train", "split to read from a datasets name or folder")
+    shuffle_window: int = opt(16, "epoch order of parquet and tar sources: their blocks (parquet row groups, tar "
+                                  "chunks of 100 samples) are permuted, then pairs are shuffled within each run of "
+                                  "this many consecutive blocks, so a reading process holds at most this many row "
+                                  "groups in memory; 0 = one random permutation of all pairs (each pair then costs "
+                                  "a row-group read). jsonl, folder, hub and cached data always use that full "
+                                  "permutation", ge=0)
     resolution: int = opt(1024, "square training resolution in pixels (a multiple of the VAE's latent factor, "
                                 "8 for SD)", ge=8)
     crop: str = opt("center", "crop after resizing the short side to `resolution` (PIL bicubic, antialiased; "

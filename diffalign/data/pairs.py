@@ -1,12 +1,15 @@
 """Offline preference pairs (prompt, winner image, loser image) for Diffusion-DPO-style training.
 
-Three sources (``DataConfig.format``; ``auto`` picks jsonl for ``*.jsonl`` paths, folder for a folder whose
-subfolders hold ``prompt.txt``, pickapic otherwise):
+Four sources (``DataConfig.format``; ``auto`` picks jsonl for ``*.jsonl`` paths, webdataset for ``.tar`` shards,
+folder for a folder whose subfolders hold ``prompt.txt``, pickapic otherwise):
 
 * Pick-a-Pic v2 schema: columns ``caption``, ``jpg_0``, ``jpg_1`` (image bytes, or datasets ``Image``
-  dicts) and ``label_0`` (1 = image 0 preferred, 0 = image 1 preferred, 0.5 = tie), read from a parquet
-  file, a folder of parquet files, or a datasets hub name. Only ``label_0`` is read up front; images are
-  decoded per item.
+  dicts) and ``label_0`` (1 = image 0 preferred, 0 = image 1 preferred, 0.5 = tie). Parquet files (a file,
+  folder, glob, or an fsspec URL) are read in place with pyarrow, images by row group on demand
+  (``data/parquet.py``); a datasets hub name goes through ``datasets``. Only the small columns are read up
+  front; images are decoded per item.
+* Tar shards in the webdataset layout (``KEY.jpg_0``, ``KEY.jpg_1``, ``KEY.json`` with caption and label_0),
+  indexed once and read by member offset (``data/tar.py``), with the same pair rules.
 * JSONL: one ``{"prompt", "chosen", "rejected"}`` object per line; image paths relative to the file's folder.
 * Folder: one subfolder per pair with ``prompt.txt``, ``chosen.<ext>`` and ``rejected.<ext>`` (``data/folder.py``).
 
@@ -22,9 +25,8 @@ import io
 import json
 import logging
 import os
-import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,7 +45,6 @@ logger = logging.getLogger("diffalign")
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 JSONL_KEYS = ("prompt", "chosen", "rejected")
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
-_SHARD = re.compile(r"^(?P<split>.+?)-\d+-of-\d+\.parquet$")
 
 
 class DataError(ValueError):
@@ -71,6 +72,9 @@ class BadImageError(DataError):
 
 
 class _Source(Protocol):
+    """What a source gives the dataset. Sources read in blocks (parquet row groups, tar chunks) also have
+    ``blocks`` (the block of each kept pair), which ``PreferencePairs.epoch_order`` follows."""
+
     rows: np.ndarray  # source row of each kept pair
 
     def prompt(self, i: int) -> str: ...
@@ -117,26 +121,10 @@ def _looks_local(path: str) -> bool:
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
-    """The split's parquet files: ``folder/<split>/**``, files named ``<split>-*``/``<split>.*`` anywhere
-    below, or else unsplit parquet files directly in the folder."""
-    visible = [p for p in folder.rglob("*.parquet")
-               if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
-    sub = folder / split
-    if sub.is_dir():
-        files = [p for p in visible if sub in p.parents]
-        if files:
-            return sorted(files)
-    named = re.compile(rf"^{re.escape(split)}(?:[-.].*)?\.parquet$")
-    files = [p for p in visible if named.match(p.name)]
-    if files:
-        return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
-    direct = sorted(p for p in visible if p.parent == folder)
-    if direct and not any(_SHARD.match(p.name) for p in direct):
-        return direct
-    splits = sorted({m["split"] for p in visible if (m := _SHARD.match(p.name))})
-    found = f"splits found: {', '.join(splits)}" if splits else f"{len(visible)} other .parquet file(s) found"
-    raise DataError(f"{folder}: no parquet files for split {split!r} (looked for {split}/*.parquet, "
-                    f"{split}-*.parquet or {split}.parquet, and unsplit *.parquet in the folder); {found}")
+    """The split's parquet files below a local folder (rules: ``shards.choose_split``)."""
+    from diffalign.data.shards import split_files
+
+    return split_files(folder, split, ".parquet")
 
 
 def _check_shape(columns: list[str], num_rows: int, cfg: DataConfig) -> None:
@@ -148,45 +136,11 @@ def _check_shape(columns: list[str], num_rows: int, cfg: DataConfig) -> None:
         raise DataError(f"{cfg.path}: the dataset has no rows (split {cfg.split!r})")
 
 
-def _nonempty_parquet(files: list[Path]) -> tuple[list[Path], list[str]]:
-    """(files with rows, column names), from the parquet footers only; datasets fails on zero-row files."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    kept: list[Path] = []
-    columns: list[str] = []
-    for file in files:
-        try:
-            meta = pq.read_metadata(file)
-        except (OSError, pa.ArrowException) as err:
-            raise DataError(f"{file}: not a readable parquet file: {err}") from err
-        columns = columns or meta.schema.to_arrow_schema().names
-        if meta.num_rows:
-            kept.append(file)
-    return kept, columns
-
-
 def _load_table(cfg: DataConfig) -> Any:
-    """A ``datasets.Dataset`` for a parquet file, a folder of parquet files, or a hub name."""
-    import datasets  # slow import: only when Pick-a-Pic data is used
+    """A ``datasets.Dataset`` for a hub name (local files and URLs go to ``data/parquet.py``)."""
+    import datasets  # slow import: only when a hub dataset is used
 
-    path, local = cfg.path, Path(cfg.path).expanduser()
-    if local.is_file():
-        if local.suffix != ".parquet":
-            raise DataError(f"{path}: expected a .parquet file, a folder of parquet files, a datasets hub "
-                            "name or a .jsonl file")
-        files = [local]
-    elif local.is_dir():
-        files = _split_files(local, cfg.split)
-        logger.info("%s: reading %d parquet file(s) for split %r", path, len(files), cfg.split)
-    elif _looks_local(path):
-        raise DataError(f"{path}: no such file or folder")
-    else:
-        return _load_hub_dataset(datasets, path, cfg.split)
-    files, columns = _nonempty_parquet(files)
-    if not files:
-        _check_shape(columns, 0, cfg)
-    return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    return _load_hub_dataset(datasets, cfg.path, cfg.split)
 
 
 def _load_hub_dataset(datasets: Any, name: str, split: str) -> Any:
@@ -208,24 +162,45 @@ def _read_labels(table: Any, path: str) -> np.ndarray:
     return column.cast(pa.float64()).to_numpy()
 
 
-def _select_pairs(labels: np.ndarray, path: str, ties: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(kept rows, winner-is-image-0 per kept row, ties dropped)."""
+def _row(row: int) -> str:
+    return f"row {row}"
+
+
+def _select_pairs(labels: np.ndarray, path: str, ties: str,
+                  where: Callable[[int], str] = _row) -> tuple[np.ndarray, np.ndarray, int]:
+    """(kept rows, winner-is-image-0 per kept row, ties dropped). ``where(row)`` names a row in messages
+    (``row N``, or with the shard for sets of several files)."""
     valid = (labels == 0) | (labels == 1) | (labels == 0.5)
     if not valid.all():
         bad = np.flatnonzero(~valid)
         value = "null" if np.isnan(labels[bad[0]]) else repr(float(labels[bad[0]]))
-        raise DataError(f"{path}: row {bad[0]}: label_0 = {value} is not 1 (image 0 preferred), 0 (image 1 "
+        raise DataError(f"{path}: {where(int(bad[0]))}: label_0 = {value} is not 1 (image 0 preferred), 0 (image 1 "
                         f"preferred) or 0.5 (tie); {bad.size} row(s) have such labels")
     tie = labels == 0.5
     n_ties = int(tie.sum())
     if n_ties and ties == "error":
-        raise DataError(f"{path}: row {np.flatnonzero(tie)[0]} is a tie (label_0 = 0.5) and data.ties = "
+        raise DataError(f"{path}: {where(int(np.flatnonzero(tie)[0]))} is a tie (label_0 = 0.5) and data.ties = "
                         f"error ({n_ties} of {labels.size} rows are ties); set data.ties=drop to skip them")
     if n_ties == labels.size:
         raise DataError(f"{path}: all {labels.size} rows are ties (label_0 = 0.5); no pairs are left after "
                         "dropping ties")
     keep = np.flatnonzero(~tie)
     return keep, labels[keep] == 1, n_ties
+
+
+def choose_pairs(labels: np.ndarray, caption_null: np.ndarray, keys: np.ndarray | None, cfg: DataConfig,
+                 where: Callable[[int], str] = _row) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The Pick-a-Pic rules for a source read as arrays (parquet, tar shards): (kept rows, winner-is-image-0,
+    stats). ``labels``: label_0 per source row (NaN = null); ``caption_null``: per row; ``keys``: [rows, k]
+    integer codes of (caption, image uids) when the source has uid columns, else None. The same checks, order
+    and messages as the datasets-table path (``_open_table``)."""
+    rows, winner_is_0, n_ties = _select_pairs(labels, cfg.path, cfg.ties, where)
+    rows, winner_is_0 = rows[:cfg.max_pairs], winner_is_0[:cfg.max_pairs]
+    _check_null_captions(caption_null[rows], rows, cfg, where)
+    stats = {"rows": int(labels.size), "ties_dropped": n_ties, "pairs": int(rows.size)}
+    if keys is not None:
+        stats["duplicates"] = _count_duplicate_codes(keys[rows], rows, cfg.path)
+    return rows, winner_is_0, stats
 
 
 class _Pickapic:
@@ -255,10 +230,16 @@ def _check_captions(table: Any, rows: np.ndarray, cfg: DataConfig) -> None:
     if cfg.null_prompt == "empty":
         return
     column = table.select_columns(["caption"]).with_format("arrow")[:]["caption"]
-    nulls = np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)[rows])
-    if nulls.size:
-        raise DataError(f"{cfg.path}: row {rows[nulls[0]]}: caption is null ({nulls.size} kept row(s) have none); "
-                        "set data.null_prompt=empty to train such pairs with the empty prompt")
+    _check_null_captions(column.is_null().to_numpy(zero_copy_only=False)[rows], rows, cfg)
+
+
+def _check_null_captions(null: np.ndarray, rows: np.ndarray, cfg: DataConfig,
+                         where: Callable[[int], str] = _row) -> None:
+    """``null``: per kept row; an error naming the first, unless data.null_prompt = empty."""
+    nulls = np.flatnonzero(null)
+    if nulls.size and cfg.null_prompt != "empty":
+        raise DataError(f"{cfg.path}: {where(int(rows[nulls[0]]))}: caption is null ({nulls.size} kept row(s) have "
+                        "none); set data.null_prompt=empty to train such pairs with the empty prompt")
 
 
 def _duplicate_keys(table: Any, rows: np.ndarray) -> list[tuple] | None:
@@ -271,8 +252,8 @@ def _duplicate_keys(table: Any, rows: np.ndarray) -> list[tuple] | None:
     return [(values[0][r], values[1][r], values[2][r]) for r in rows.tolist()]
 
 
-def _open_pickapic(cfg: DataConfig) -> tuple[_Pickapic, dict[str, int]]:
-    table = _load_table(cfg)
+def _open_table(table: Any, cfg: DataConfig) -> tuple[_Pickapic, dict[str, int]]:
+    """Pairs of a ``datasets`` table (a hub dataset)."""
     _check_shape(list(table.column_names), len(table), cfg)
     rows, winner_is_0, n_ties = _select_pairs(_read_labels(table, cfg.path), cfg.path, cfg.ties)
     rows, winner_is_0 = rows[:cfg.max_pairs], winner_is_0[:cfg.max_pairs]
@@ -282,6 +263,18 @@ def _open_pickapic(cfg: DataConfig) -> tuple[_Pickapic, dict[str, int]]:
     if keys is not None:              # without uid columns, finding repeats would mean reading every image
         stats["duplicates"] = _count_duplicates(keys, rows, cfg.path)
     return _Pickapic(table, cfg.path, rows, winner_is_0), stats
+
+
+def _open_pickapic(cfg: DataConfig) -> tuple[_Source, dict[str, int]]:
+    """Local parquet files and URLs: read with pyarrow directly (``data/parquet.py``), no conversion; a hub
+    name: through ``datasets``."""
+    from diffalign.data.shards import is_url
+
+    if is_url(cfg.path) or _looks_local(cfg.path) or Path(cfg.path).expanduser().exists():
+        from diffalign.data.parquet import open_parquet
+
+        return open_parquet(cfg)
+    return _open_table(_load_table(cfg), cfg)
 
 
 # -------------------------------------------------------------------------------------------------- jsonl
@@ -437,6 +430,34 @@ def _count_duplicates(keys: Sequence[Any], rows: np.ndarray, path: str) -> int:
     return len(repeats)
 
 
+def key_codes(columns: Sequence[Any]) -> np.ndarray:
+    """Arrow columns of equal length -> [n, k] int64 codes (equal values get equal codes, null -> -1), so repeats
+    are found with numpy instead of a dict of Python tuples (a million Pick-a-Pic rows would cost ~0.5 GB)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    codes = []
+    for column in columns:
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+        indices = pc.dictionary_encode(column).indices
+        codes.append(indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64))
+    return np.stack(codes, axis=1) if codes else np.zeros((0, 0), np.int64)
+
+
+def _count_duplicate_codes(keys: np.ndarray, rows: np.ndarray, path: str) -> int:
+    """``_count_duplicates`` over integer key codes [n, k]: the same count and the same warning."""
+    if keys.shape[0] == 0:
+        return 0
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    first_of = first[inverse.reshape(-1)]
+    repeats = np.flatnonzero(first_of != np.arange(keys.shape[0]))
+    if repeats.size:
+        logger.warning("%s: %d pair(s) repeat an earlier pair (first: row %d repeats row %d); they are kept and "
+                       "weigh double", path, repeats.size, rows[repeats[0]], rows[first_of[repeats[0]]])
+    return int(repeats.size)
+
+
 # ------------------------------------------------------------------------------------------------ fingerprint
 
 
@@ -447,7 +468,8 @@ def _stat(path: Path) -> list[int]:
 
 def source_fingerprint(cfg: DataConfig) -> dict[str, Any]:
     """What the pairs are read from, for the cache to notice changed data: a jsonl file's content hash and its
-    images' sizes and times; local parquet files' sizes and times; a hub dataset only by name."""
+    images' sizes and times; parquet and tar shards' sizes and times (or ETags, for URLs); a hub dataset only by
+    name."""
     path = Path(cfg.path).expanduser()
     if resolve_format(cfg) == "jsonl" and path.is_file():
         text = path.read_bytes()
@@ -466,10 +488,16 @@ def source_fingerprint(cfg: DataConfig) -> dict[str, Any]:
         return {"jsonl_sha256": hashlib.sha256(text).hexdigest(), "images": images.hexdigest()}
     if resolve_format(cfg) == "folder":
         return {"folder": _folder_fingerprint(path, cfg.max_pairs)}
-    if path.is_file():
+    if path.is_file() and resolve_format(cfg) == "pickapic":
         return {"parquet": {path.name: _stat(path)}}
-    if path.is_dir():
+    if path.is_dir() and resolve_format(cfg) == "pickapic":
         return {"parquet": {f.relative_to(path).as_posix(): _stat(f) for f in _split_files(path, cfg.split)}}
+    from diffalign.data.shards import find_shards, is_url
+
+    if resolve_format(cfg) == "webdataset" or is_url(cfg.path) or _looks_local(cfg.path):
+        kind, suffix = ("webdataset", ".tar") if resolve_format(cfg) == "webdataset" else ("parquet", ".parquet")
+        shards = find_shards(cfg.path, cfg.split, suffix)          # globs, brace patterns, URLs
+        return {kind: {name: shards.stat(k) for k, name in enumerate(shards.names)}}
     return {"hub": cfg.path}
 
 
@@ -500,10 +528,20 @@ def resolve_format(cfg: DataConfig) -> str:
         return cfg.format
     if cfg.path.lower().endswith(".jsonl"):
         return "jsonl"
+    from diffalign.data.tar import looks_like_tar
+
+    if looks_like_tar(cfg.path):
+        return "webdataset"
     path = Path(cfg.path).expanduser()
     if path.is_dir() and any((sub / "prompt.txt").is_file() for sub in path.iterdir() if sub.is_dir()):
         return "folder"
     return "pickapic"
+
+
+def _open_webdataset(cfg: DataConfig) -> tuple[Any, dict[str, int]]:
+    from diffalign.data.tar import open_tar
+
+    return open_tar(cfg)
 
 
 def _open_folder(cfg: DataConfig) -> tuple[Any, dict[str, int]]:
@@ -527,7 +565,8 @@ class PreferencePairs(Dataset):
         self.caption_dropout = cfg.caption_dropout if caption_dropout is None else float(caption_dropout)
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise DataError(f"caption_dropout = {self.caption_dropout} must be in [0, 1]")
-        opener = {"jsonl": _open_jsonl, "folder": _open_folder}.get(resolve_format(cfg), _open_pickapic)
+        opener = {"jsonl": _open_jsonl, "folder": _open_folder,
+                  "webdataset": _open_webdataset}.get(resolve_format(cfg), _open_pickapic)
         self._source: _Source
         self._source, self.stats = opener(cfg)
         logger.info("%s: %d rows, %d ties dropped, %d pairs used", cfg.path, self.stats["rows"],
@@ -543,6 +582,18 @@ class PreferencePairs(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def epoch_order(self, seed: int, epoch: int) -> np.ndarray | None:
+        """The epoch's item order for sources read in blocks (parquet row groups, tar chunks): blocks in a random
+        order, items shuffled within each window of ``data.shuffle_window`` blocks (``sampler.block_window_order``),
+        so a reading process's small block cache reads each block once per epoch. None (the sampler's full random
+        permutation) for jsonl, folder and hub sources, and with ``data.shuffle_window = 0``."""
+        blocks = getattr(self._source, "blocks", None)
+        if blocks is None or self.cfg.shuffle_window == 0:
+            return None
+        from diffalign.data.sampler import block_window_order
+
+        return block_window_order(blocks, self.cfg.shuffle_window, seed, epoch)
 
     def _index(self, i: int) -> int:
         n = len(self)
