@@ -21,14 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from diffalign import checkpoint as ckpt
-from diffalign import runs
+from diffalign import runs, sharded
 from diffalign.config import Config, ConfigError, dump_config, to_dict
 from diffalign.data import open_training_data
 from diffalign.data.pairs import DataError
 from diffalign.data.sampler import EpochBatches, example_seeds
 from diffalign.models import load_model
 from diffalign.models.base import DiffusionModel, unwrap
-from diffalign.models.lora import add_lora, load_lora, save_lora
+from diffalign.models.lora import add_lora, load_lora, lora_module_state, save_lora
 from diffalign.options import parse_dtype
 
 log = logging.getLogger("diffalign")
@@ -183,12 +183,16 @@ class Trainer:
         self.check_reference_epochs()
         if hasattr(self.data, "repeat_to"):          # a short prompt list still fills a global batch
             self.data.repeat_to(t.batch_size * self.acc.num_processes)
+        if self.acc.num_processes > 1:
+            self.broadcast_trainable()
         self.optimizer = build_optimizer(cfg, self.params)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(t.lr_scheduler, self.optimizer, num_warmup_steps=t.warmup_steps,
                                           num_training_steps=t.max_steps)
         self.model.denoiser, self.optimizer = self.acc.prepare(self.model.denoiser, self.optimizer)
+        self.sharded = self.check_sharding()
+        self.params = [p for p in self.model.denoiser.parameters() if p.requires_grad]   # FSDP2 made new ones
         self.step = 0
         self.micro_batches = 0        # micro-batches this process has drawn, whole skipped ones included
         self.held: list[dict] = []    # prepared micro-batches kept for the method's next updates
@@ -197,10 +201,29 @@ class Trainer:
             self.method.gather = self.acc.gather
         self.skipped = {"epoch": -1, "pairs": 0, "run": 0}
         self.progress_grid = None
-        if cfg.eval.every and self.acc.is_main_process:
+        if cfg.eval.every and (self.acc.is_main_process or self.sharded):   # sharded: every process samples
             from diffalign.eval.monitor import ProgressGrid
 
-            self.progress_grid = ProgressGrid(cfg, self.model)
+            self.progress_grid = ProgressGrid(cfg, self.model, write=self.acc.is_main_process)
+
+    def broadcast_trainable(self) -> None:
+        """Every process starts from the main process's trainable weights (LoRA's random init differs per process,
+        seeded per device). DDP would copy them at wrapping; FSDP2 keeps each process's own slice, so do it here."""
+        from accelerate.utils import broadcast
+
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(broadcast(p.detach().clone()))
+
+    def check_sharding(self) -> bool:
+        """Whether the denoiser is sharded over the processes (FSDP2). FSDP1 is refused: its flat parameters
+        hide the LoRA and reference structure the methods rely on."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type == DistributedType.FSDP and not self.acc.is_fsdp2:
+            raise ConfigError("FSDP version 1 is not supported: set `fsdp_version: 2` in the accelerate config "
+                              "(configs/accelerate/fsdp2.yaml)")
+        return sharded.is_sharded(self.model.denoiser)
 
     # ------------------------------------------------------------------------------ data
     def build_missing_cache(self) -> None:
@@ -288,7 +311,7 @@ class Trainer:
     def train_step(self, batches: Iterator[dict]) -> dict[str, torch.Tensor]:
         t, acc = self.cfg.train, self.acc
         sums: dict[str, torch.Tensor] = {}
-        own_sync = self.method.many_grad_calls
+        own_sync = self.method.many_grad_calls and not self.sharded   # FSDP2 reduces per backward, any calls
         if self.step % self.method.updates_per_batch == 0 or len(self.held) != t.grad_accum:
             self.held = []                       # new batches for this step (and the next updates_per_batch - 1)
         for i in range(t.grad_accum):
@@ -305,6 +328,8 @@ class Trainer:
             self.average_gradients()
         max_norm = t.max_grad_norm if t.max_grad_norm is not None else math.inf
         grad_norm = acc.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):   # a DTensor under FSDP2 (the norm over every shard)
+            grad_norm = grad_norm.full_tensor()
         self.resolve_pending()                  # the previous step's check: its flag is long computed by now
         bad = self.nonfinite(sums["loss"], grad_norm)
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -379,27 +404,42 @@ class Trainer:
                     "held": [lasting(b) for b in self.held] if self.step % self.method.updates_per_batch else []},
                    tmp / f"rng_{acc.process_index}.pt")
         acc.wait_for_everyone()
+        weights, optimizer = self.gathered_state(with_optimizer=True)       # sharded: every process takes part
         if acc.is_main_process:
-            self._fill_checkpoint(tmp)
+            self._fill_checkpoint(tmp, weights, optimizer)
             ckpt.commit(tmp, target)
             ckpt.prune(self.out, self.cfg.train.keep_last)
         acc.wait_for_everyone()
         return target
 
-    def _fill_checkpoint(self, directory: Path) -> None:
-        self.save_weights(directory)
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-        torch.save(self.lr_scheduler.state_dict(), directory / "scheduler.pt")
-        finite = bool(torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all())   # one sync
-        ckpt.write_state(directory, {"step": self.step, "num_processes": self.acc.num_processes,
-                                     "weights_finite": finite, "config": to_dict(self.cfg)})
+    def gathered_state(self, with_optimizer: bool = False) -> tuple[dict | None, dict | None]:
+        """(the denoiser's whole state dict, the optimizer's) on the main process when the denoiser is sharded:
+        a collective that every process calls. (None, None) unsharded: the main process saves from its copy."""
+        if not self.sharded:
+            return None, None
+        weights = sharded.full_model_state(self.model.denoiser)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return weights, sharded.full_optimizer_state(self.model.denoiser, inner) if with_optimizer else None
 
-    def save_weights(self, directory: Path) -> None:
+    def _fill_checkpoint(self, directory: Path, weights: dict | None, optimizer: dict | None) -> None:
+        self.save_weights(directory, weights)
+        torch.save(optimizer if optimizer is not None else self.optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save(self.lr_scheduler.state_dict(), directory / "scheduler.pt")
+        tensors = list(weights.values()) if weights is not None else [p.detach() for p in self.params]
+        finite = bool(torch.stack([torch.isfinite(v).all() for v in tensors if v.is_floating_point()]).all())
+        ckpt.write_state(directory, {"step": self.step, "num_processes": self.acc.num_processes,
+                                     "sharded": self.sharded, "weights_finite": finite, "config": to_dict(self.cfg)})
+
+    def save_weights(self, directory: Path, weights: dict | None = None) -> None:
+        """The LoRA file or the denoiser folder; from ``weights`` (the whole state dict gathered from the
+        shards) when given, else from the main process's own denoiser."""
+        denoiser = unwrap(self.model.denoiser)
         if self.cfg.lora.enabled:
-            save_lora(self.model, directory)
+            save_lora(self.model, directory, weights)
+        elif weights is not None:
+            sharded.save_denoiser_folder(denoiser, weights, directory / self.model.denoiser_folder)
         else:
-            unwrap(self.model.denoiser).save_pretrained(directory / self.model.denoiser_folder,
-                                                        safe_serialization=True)
+            denoiser.save_pretrained(directory / self.model.denoiser_folder, safe_serialization=True)
         dump_config(self.cfg, directory / "config.yaml")
 
     def resume(self) -> None:
@@ -423,15 +463,20 @@ class Trainer:
                 log.info("train.resume=%s: no checkpoint in %s, starting from step 0", self.cfg.train.resume, self.out)
             return
         state = ckpt.read_state(path)
-        applied = runs.check_resume(path, {**state.get("config", {}), "num_processes": state.get("num_processes")},
-                                    {**to_dict(self.cfg), "num_processes": self.acc.num_processes})
+        applied = runs.check_resume(path, {**state.get("config", {}), "num_processes": state.get("num_processes"),
+                                           "sharded": state.get("sharded", False)},
+                                    {**to_dict(self.cfg), "num_processes": self.acc.num_processes,
+                                     "sharded": self.sharded})
         self.step = state["step"]
-        if self.cfg.lora.enabled:
-            load_lora(self.model, path)
+        if self.sharded:
+            self.load_sharded(path)
         else:
-            saved = self.model.load_denoiser(path / self.model.denoiser_folder, torch.float32)
-            unwrap(self.model.denoiser).load_state_dict(saved.state_dict())
-        self.optimizer.load_state_dict(ckpt.load_tensors(path / "optimizer.pt"))
+            if self.cfg.lora.enabled:
+                load_lora(self.model, path)
+            else:
+                saved = self.model.load_denoiser(path / self.model.denoiser_folder, torch.float32)
+                unwrap(self.model.denoiser).load_state_dict(saved.state_dict())
+            self.optimizer.load_state_dict(ckpt.load_tensors(path / "optimizer.pt"))
         schedule_changed = any(change.split(":")[0] in runs.SCHEDULE for change in applied)
         if not schedule_changed:
             self.lr_scheduler.load_state_dict(ckpt.load_tensors(path / "scheduler.pt"))
@@ -439,6 +484,23 @@ class Trainer:
             self.apply_optimizer_settings(schedule_changed)
         self.restore_process_state(path)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def load_sharded(self, path: Path) -> None:
+        """The checkpoint's whole weights and optimizer state, read by the main process and scattered into the
+        shards (every process calls this)."""
+        main, denoiser = self.acc.is_main_process, self.model.denoiser
+        if self.cfg.lora.enabled:
+            weights = lora_module_state(self.model, path)[1] if main else {}
+            unexpected = sharded.load_model_state(denoiser, weights, strict=False)
+            if unexpected:
+                raise ckpt.CheckpointError(f"{path}: {len(unexpected)} LoRA keys do not match the adapter, "
+                                           f"e.g. {unexpected[:3]}")
+        else:
+            weights = (self.model.load_denoiser(path / self.model.denoiser_folder, torch.float32).state_dict()
+                       if main else {})
+            sharded.load_model_state(denoiser, weights)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        sharded.load_optimizer_state(denoiser, inner, ckpt.load_tensors(path / "optimizer.pt") if main else {})
 
     def apply_optimizer_settings(self, schedule_changed: bool) -> None:
         """Put the configured lr, betas, eps and weight decay into the loaded optimizer; rebuild the schedule at
@@ -480,16 +542,17 @@ class Trainer:
         """Sample the eval prompts with the current weights on the main process; log the progress grid."""
         if self.progress_grid is not None:
             wrapped = self.model.denoiser
-            denoiser = unwrap(wrapped)
-            self.model.denoiser = denoiser      # no DDP hooks: the other processes are not sampling
-            denoiser.eval()
+            denoiser = wrapped if self.sharded else unwrap(wrapped)
+            self.model.denoiser = denoiser      # no DDP hooks: the other processes are not sampling (sharded:
+            denoiser.eval()                     # they are, through the shards, and only the main one writes)
             try:
                 with torch.no_grad(), self.acc.autocast():
                     grid = self.progress_grid(self.step)
             finally:
                 self.model.denoiser = wrapped
                 denoiser.train()
-            self.log_grid(grid)
+            if grid is not None:
+                self.log_grid(grid)
         self.acc.wait_for_everyone()
 
     def log_grid(self, grid: Any) -> None:
@@ -561,8 +624,9 @@ class Trainer:
         self.resolve_pending()
         bar.close()
         final = self.out / "final"
+        weights, _ = self.gathered_state()
         if acc.is_main_process:
-            ckpt.write_atomic(final, self.save_weights)
+            ckpt.write_atomic(final, lambda folder: self.save_weights(folder, weights))
         acc.wait_for_everyone()
         acc.end_training()
         return final

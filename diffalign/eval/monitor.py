@@ -28,21 +28,26 @@ STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 class ProgressGrid:
-    def __init__(self, cfg: Config, model: DiffusionModel) -> None:
+    def __init__(self, cfg: Config, model: DiffusionModel, write: bool = True) -> None:
         e = cfg.eval
-        self.cfg = cfg
+        self.cfg, self.write = cfg, write
         self.prompts = eval_prompts(cfg)[: e.every_prompts]
         self.seed = e.seeds[0]
         self.sampler = Sampler(cfg, model)
         self.folder = Path(cfg.output_dir) / "eval"
         self.stamp = {"prompts": self.prompts, "seed": self.seed, "settings": settings(cfg)}
 
-    def __call__(self, step: int) -> Image.Image:
-        """Sample the current model (the caller sets eval mode, precision and the unwrapped UNet)."""
+    def __call__(self, step: int) -> Image.Image | None:
+        """Sample the current model (the caller sets eval mode, precision and the unwrapped UNet). Without
+        ``write`` (a process of a sharded run beside the main one) only sample, in step with it: None."""
         step_dir = self.folder / f"step-{step:06d}"
-        step_dir.mkdir(parents=True, exist_ok=True)
         jobs = [Job(i, prompt, self.seed) for i, prompt in enumerate(self.prompts)]
         size = self.cfg.eval.batch_size
+        if not self.write:
+            for start in range(0, len(jobs), size):
+                self.sampler.images(jobs[start:start + size])
+            return None
+        step_dir.mkdir(parents=True, exist_ok=True)
         for start in range(0, len(jobs), size):
             for i, array in enumerate(to_uint8(self.sampler.images(jobs[start:start + size])), start):
                 save_png(array, step_dir / f"{i}.png")
