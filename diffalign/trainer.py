@@ -216,13 +216,17 @@ class Trainer:
                 p.copy_(broadcast(p.detach().clone()))
 
     def check_sharding(self) -> bool:
-        """Whether the denoiser is sharded over the processes (FSDP2). FSDP1 is refused: its flat parameters
-        hide the LoRA and reference structure the methods rely on."""
+        """Whether the denoiser is sharded over the processes (FSDP2). FSDP1 (flat parameters) and DeepSpeed are
+        refused before any step is taken."""
         from accelerate.utils import DistributedType
 
         if self.acc.distributed_type == DistributedType.FSDP and not self.acc.is_fsdp2:
             raise ConfigError("FSDP version 1 is not supported: set `fsdp_version: 2` in the accelerate config "
                               "(configs/accelerate/fsdp2.yaml)")
+        if self.acc.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError("DeepSpeed is not supported yet (its engine takes over accumulation, clipping and "
+                              "checkpoints, and it has not run here); FSDP2 shards parameters, gradients and "
+                              "optimizer state as ZeRO-3 does: configs/accelerate/fsdp2.yaml")
         return sharded.is_sharded(self.model.denoiser)
 
     # ------------------------------------------------------------------------------ data
@@ -273,6 +277,7 @@ class Trainer:
                 self.count_skipped(batch, epoch, per_epoch * t.batch_size)
                 kept = drawn if len(drawn) == batch["indices"].numel() else batch["indices"].tolist()  # skip_pair
                 batch["seeds"] = example_seeds(t.seed, epoch, len(self.data), kept)
+                batch["batch_seed"] = t.seed * 1_000_003 + self.micro_batches   # the same on every process
                 yield batch
             epoch, start = epoch + 1, 0
 

@@ -115,3 +115,43 @@ def test_fsdp2_full_fine_tuning_resumes_and_matches_one_process(tiny_pipelines, 
     # over the whole UNet (per tensor, Adam makes float noise in the near-zero gradients of a few tensors, such
     # as time_emb_proj, into full steps): measured 6.6e-3 for FSDP2 and 6.7e-3 for DDP, uninterrupted
     assert moved > 0 and gap < 2e-2 * moved
+
+
+def test_fsdp2_alignprop_with_a_random_truncation_draws_the_same_k_on_every_process(tiny_pipelines, tmp_path):
+    """Under FSDP2 each denoiser call with gradient is a collective: a K drawn per process would hang them (it did,
+    until K came from the trainer's batch_seed, the same on every process)."""
+    import json
+
+    out = tmp_path / "fsdp"
+    launcher = tmp_path / "fsdp_launcher.py"
+    launcher.write_text(FSDP_LAUNCHER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(launcher), "train",
+           "configs/tiny_alignprop_sd15.yaml", f"model.pretrained={tiny_pipelines['sd15']}", f"output_dir={out}",
+           "train.max_steps=3", "train.batch_size=2", "train.checkpoint_every=0", "method.truncation=uniform",
+           "train.process_timeout_s=60"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ks = [json.loads(line)["grad_steps"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(ks) == 3 and all(1 <= k <= 4 for k in ks)
+
+
+def test_shipped_accelerate_configs_load_and_fsdp2_matches_the_tested_settings(monkeypatch):
+    """accelerate reads every shipped config; the FSDP2 one builds the plugin the FSDP tests above run
+    (version 2, one shard unit per `_no_split_modules` block)."""
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    kinds = {p.stem: load_config_from_file(str(p)).distributed_type for p in Path("configs/accelerate").glob("*.yaml")}
+    assert kinds == {"single_gpu": DistributedType.NO, "multi_gpu": DistributedType.MULTI_GPU,
+                     "multi_node": DistributedType.MULTI_GPU, "fsdp2": DistributedType.FSDP}
+    tested = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")  # no env
+    fsdp = load_config_from_file("configs/accelerate/fsdp2.yaml").fsdp_config
+    for key, value in fsdp.items():               # as `accelerate launch` hands them to the processes
+        monkeypatch.setenv(key.upper(), str(value).lower() if isinstance(value, bool) else str(value))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    shipped = FullyShardedDataParallelPlugin()
+    for field in ("fsdp_version", "auto_wrap_policy", "transformer_cls_names_to_wrap", "reshard_after_forward",
+                  "cpu_offload", "activation_checkpointing"):
+        assert getattr(shipped, field) == getattr(tested, field), field

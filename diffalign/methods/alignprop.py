@@ -70,30 +70,34 @@ class AlignProp(Method):
                                   "gradients of the reward (use it for relabelling or evaluation instead)")
         return self._reward
 
-    def draw_grad_steps(self) -> int:
+    def draw_grad_steps(self, rng: random.Random | None = None) -> int:
+        """K for one batch, from ``rng`` (the trainer's ``batch_seed``: the same K on every process, which a
+        sharded denoiser needs, since each gradient step is a collective there)."""
+        rng = rng or random.Random(random.getrandbits(64))
         if self.truncation == "uniform":
-            return random.randint(1, self.grad_steps)
+            return rng.randint(1, self.grad_steps)
         if self.truncation == "gaussian":
             if self.num_steps < 2:
                 return 1
             cut = 0
             while not 1 <= cut < self.num_steps:
-                cut = int(random.gauss(self.cut_mean, self.cut_std))
+                cut = int(rng.gauss(self.cut_mean, self.cut_std))
             return self.num_steps - cut
         return self.grad_steps
 
-    def generate(self, model: DiffusionModel, prompts: list[str], size: tuple[int, int]) -> tuple[Tensor, int]:
+    def generate(self, model: DiffusionModel, prompts: list[str], size: tuple[int, int],
+                 batch_seed: int | None = None) -> tuple[Tensor, int]:
         """Images [B,3,H,W] in [0,1] with gradient through the last K steps and the decoder; returns (images, K)."""
         n = len(prompts)
         cond = model.sampling_cond(prompts, size)
         uncond = model.null_cond(n, size) if guidance_on(self.guidance_scale, model) else None
         latents = torch.randn(model.latent_shape(n, size), device=model.device)
-        k = self.draw_grad_steps()
+        k = self.draw_grad_steps(None if batch_seed is None else random.Random(batch_seed))
         x0 = sample(model, latents, cond, self.num_steps, self.guidance_scale, uncond, self.eta, grad_steps=k)
         return model.decode_latents(x0), k
 
     def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        images, k = self.generate(model, batch["prompts"], batch["size"])
+        images, k = self.generate(model, batch["prompts"], batch["size"], batch.get("batch_seed"))
         scores = self.reward_fn(images, batch["prompts"])                                   # [B]
         if self.reward_target is None:
             loss = -scores.mean()
