@@ -21,6 +21,7 @@ order visits a few row groups at a time (``sampler.block_window_order``); a full
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -222,6 +223,7 @@ class ParquetPairs:
     def _read_group(self, g: int, row: int) -> Any:
         import pyarrow as pa
 
+        _worker_memory_pool()
         j = int(self.group_file[g])
         try:
             handle = self._handles.get(j)
@@ -248,6 +250,30 @@ class ParquetPairs:
                                      f"{self.path}: {self.where(row)}: cannot read image column {col}")
                          for col in order)
         return winner, loser
+
+
+_POOL_SET_IN: int | None = None
+
+
+def _worker_memory_pool() -> None:
+    """In a DataLoader worker (a process that only reads data), make jemalloc Arrow's pool when it is built in.
+
+    pyarrow's default pool (mimalloc in current wheels) keeps freed row-group buffers: reading 37 MB row groups
+    through a 16-group cache, a process's heap grew 0.8 GB for 0.57 GB held, with jemalloc 0.55 GB (the system
+    allocator: 1.2 GB). Workers only, since the pool is process-wide; with data.num_workers = 0, set
+    ARROW_DEFAULT_MEMORY_POOL=jemalloc for the same effect."""
+    global _POOL_SET_IN
+    if _POOL_SET_IN == os.getpid():
+        return
+    _POOL_SET_IN = os.getpid()
+    import pyarrow as pa
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is not None:
+        try:
+            pa.set_memory_pool(pa.jemalloc_memory_pool())
+        except NotImplementedError:                       # a pyarrow build without jemalloc (Windows)
+            pass
 
 
 def open_parquet(cfg: DataConfig) -> tuple[ParquetPairs, dict[str, int]]:
