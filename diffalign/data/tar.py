@@ -51,13 +51,17 @@ UID_KEYS = ("image_0_uid", "image_1_uid")
 
 class _ShardIndex:
     """One shard's samples in order: key, the two image members (offset, size, extension; None = absent) and
-    the json record, read from the headers and the json members."""
+    the json fields the pairs need (label_0, caption, the image uids when present), from the headers and the json
+    members. Only those fields are kept, not the parsed records, so opening a million samples stays small."""
 
     def __init__(self, shards: ShardSet, k: int) -> None:
         self.name = shards.display(k)
         self.keys: list[str] = []
         self.images: list[list[tuple[int, int, str] | None]] = []
-        self.records: list[dict[str, Any]] = []
+        self.labels: list[float] = []
+        self.captions: list[str | None] = []
+        self.uids: list[tuple[str | None, str | None]] = []
+        self.all_uids = True
         members: dict[str, dict[str, Any]] = {}
         with shards.open(k) as f:
             try:
@@ -100,9 +104,13 @@ class _ShardIndex:
         if "json" not in found:
             raise DataError(f"{self.name}: key {key}: no {key}.json (found {', '.join(parts)}); every sample needs "
                             "a json member with caption and label_0")
+        record = self._record(key, found["json"])
         self.keys.append(key)
         self.images.append([found.get("image_0"), found.get("image_1")])
-        self.records.append(self._record(key, found["json"]))
+        self.labels.append(np.nan if record["label_0"] is None else float(record["label_0"]))
+        self.captions.append(record["caption"])
+        self.all_uids = self.all_uids and all(u in record for u in UID_KEYS)
+        self.uids.append(tuple(_text(record.get(u)) for u in UID_KEYS) if self.all_uids else (None, None))
 
     def _record(self, key: str, data: bytes) -> dict[str, Any]:
         where = f"{self.name}: key {key}: {key}.json"
@@ -143,16 +151,15 @@ class TarPairs:
                             f"{len(shards.files)} tar shard(s))")
         self.shard_of = np.repeat(np.arange(len(indexes)), counts)
         self.shard_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        records = [r for ix in indexes for r in ix.records]
-        labels = np.asarray([np.nan if r["label_0"] is None else float(r["label_0"]) for r in records])
-        captions = pa.array([r["caption"] for r in records], pa.large_string())
+        labels = np.asarray([x for ix in indexes for x in ix.labels], dtype=np.float64)
+        captions = pa.array([c for ix in indexes for c in ix.captions], pa.large_string())
         self._keys = pa.array([key for ix in indexes for key in ix.keys], pa.large_string())
         self.offsets, self.sizes, self._exts, self._ext_names = self._members(indexes)
         keys = None
-        if all(all(u in r for u in UID_KEYS) for r in records):
-            keys = key_codes([captions, *(pa.array([_text(r[u]) for r in records], pa.large_string())
-                                          for u in UID_KEYS)])
-        del records, indexes
+        if all(ix.all_uids for ix in indexes):
+            keys = key_codes([captions, *(pa.array([u[side] for ix in indexes for u in ix.uids], pa.large_string())
+                                          for side in (0, 1))])
+        del indexes
         self.rows, self.winner_is_0, self.stats = choose_pairs(
             labels, captions.is_null().to_numpy(zero_copy_only=False), keys, cfg, self.where)
         self._captions = captions.take(self.rows)
