@@ -54,12 +54,13 @@ def invert(model: DiffusionModel, x0: Tensor, t: Tensor, cond: Cond, num_steps: 
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-def guided_prediction(model: DiffusionModel, x: Tensor, t: float, cond: Cond, uncond: Cond | None,
+def guided_prediction(model: DiffusionModel, x: Tensor, t: float | Tensor, cond: Cond, uncond: Cond | None,
                       guidance_scale: float) -> Tensor:
-    """The denoiser's output at (x, level t), guided: one call on [uncond; cond] when guidance is on. Guidance on
-    the raw output equals guidance on eps or x0, since the schedule's conversions are affine in it."""
+    """The denoiser's output at (x, level t: one for the batch, or [B] per sample), guided: one call on
+    [uncond; cond] when guidance is on. Guidance on the raw output equals guidance on eps or x0, since the
+    schedule's conversions are affine in it."""
     n = x.shape[0]
-    level = torch.full((n,), t, device=x.device)
+    level = t.to(x.device) if torch.is_tensor(t) else torch.full((n,), t, device=x.device)
     if uncond is None or not guidance_on(guidance_scale, model):
         return model.predict(x, level, cond).float()
     pred_u, pred_c = model.predict(torch.cat([x, x]), level.repeat(2), Cond.cat([uncond, cond])).float().chunk(2)
@@ -141,6 +142,12 @@ class Trajectory:
     def final(self) -> Tensor:
         return self.latents[-1]
 
+    def log_prob(self, k: int | Tensor) -> Tensor:
+        """The recorded log-probability [B] of step k (one for the batch, or [B] steps, one per sample)."""
+        if not torch.is_tensor(k):
+            return self.log_probs[k]
+        return self.log_probs[k.to(self.log_probs.device), torch.arange(len(k), device=self.log_probs.device)]
+
     def to_dict(self) -> dict:
         """Plain tensors and lists (what torch.load(weights_only=True) reads back), for checkpoints."""
         return {"latents": self.latents, "steps": [tuple(map(float, s)) for s in self.steps],
@@ -182,17 +189,29 @@ def rollout(model: DiffusionModel, latents: Tensor, cond: Cond, num_steps: int, 
     return Trajectory(torch.stack(xs), steps, stochastic, torch.stack(log_probs), eta)
 
 
-def step_gaussian(model: DiffusionModel, trajectory: Trajectory, k: int, cond: Cond, uncond: Cond | None = None,
-                  guidance_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+def step_gaussian(model: DiffusionModel, trajectory: Trajectory, k: int | Tensor, cond: Cond,
+                  uncond: Cond | None = None, guidance_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """(log p(x_{k+1} | x_k) [B], mean, std) of recorded step k under the model's current weights, with gradient,
-    from one (guided) denoiser call: the policy ratio's numerator, and the Gaussian a KL term compares."""
-    if not trajectory.stochastic[k]:
-        raise ValueError(f"step {k} of the trajectory was deterministic: it has no log-probability")
-    x, x_next = trajectory.latents[k], trajectory.latents[k + 1]
-    t, t_next = trajectory.steps[k]
-    pred = guided_prediction(model, x, t, cond, uncond, guidance_scale)
-    level = torch.full((x.shape[0],), t, device=x.device)
-    mean, std = model.schedule.step_mean_std(pred, x, level, torch.full_like(level, t_next), trajectory.eta)
+    from one (guided) denoiser call: the policy ratio's numerator, and the Gaussian a KL term compares. ``k`` is
+    one step for the batch, or a step per sample ([B] integers: DDPO's per-sample timestep order)."""
+    per_sample = torch.is_tensor(k)
+    ks = k.tolist() if per_sample else [k]
+    if not all(trajectory.stochastic[j] for j in ks):
+        raise ValueError(f"step(s) {sorted({j for j in ks if not trajectory.stochastic[j]})} of the trajectory "
+                         "were deterministic: they have no log-probability")
+    if per_sample:
+        rows = torch.arange(len(ks), device=trajectory.latents.device)
+        index = k.to(trajectory.latents.device)
+        x, x_next = trajectory.latents[index, rows], trajectory.latents[index + 1, rows]
+        table = torch.tensor(trajectory.steps, dtype=torch.float32)[k.cpu()]          # [B, 2]
+        level, level_next = table[:, 0].to(x.device), table[:, 1].to(x.device)
+    else:
+        x, x_next = trajectory.latents[k], trajectory.latents[k + 1]
+        t, t_next = trajectory.steps[k]
+        level = torch.full((x.shape[0],), t, device=x.device)
+        level_next = torch.full_like(level, t_next)
+    pred = guided_prediction(model, x, level, cond, uncond, guidance_scale)
+    mean, std = model.schedule.step_mean_std(pred, x, level, level_next, trajectory.eta)
     return gaussian_logprob(x_next, mean, std), mean, std
 
 

@@ -317,12 +317,13 @@ class Trainer:
         t, acc = self.cfg.train, self.acc
         sums: dict[str, torch.Tensor] = {}
         own_sync = self.method.many_grad_calls and not self.sharded   # FSDP2 reduces per backward, any calls
-        if self.step % self.method.updates_per_batch == 0 or len(self.held) != t.grad_accum:
-            self.held = []                       # new batches for this step (and the next updates_per_batch - 1)
-        for i in range(t.grad_accum):
-            if len(self.held) <= i:
-                self.held.append(self.next_batch(batches))
-            batch = self.held[i]
+        minibatches, held = self.method.minibatches, t.grad_accum * self.method.minibatches
+        if self.step % self.cycle == 0 or len(self.held) != held:
+            self.held = []                       # new batches for this cycle of steps
+        while len(self.held) < held:             # every minibatch prepared (sampled) before the first update
+            self.held.append(self.next_batch(batches))
+        first = (self.step % minibatches) * t.grad_accum
+        for i, batch in enumerate(self.held[first:first + t.grad_accum]):
             last = i == t.grad_accum - 1 and not own_sync
             with contextlib.nullcontext() if last else acc.no_sync(self.model.denoiser):
                 for loss, metrics in self.loss_parts(batch):
@@ -351,7 +352,7 @@ class Trainer:
             self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.method.updates_per_batch == 1:
+        if self.cycle == 1:
             self.held = []
         sums["grad_norm"] = grad_norm.detach().float() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
         return sums
@@ -368,6 +369,11 @@ class Trainer:
         flat = self.acc.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
         for p, g in zip(self.params, flat.split([g.numel() for g in grads]), strict=True):
             p.grad = g.view_as(p).to(p.dtype)
+
+    @property
+    def cycle(self) -> int:
+        """Optimizer steps on one set of prepared micro-batches: each minibatch, updates_per_batch times over."""
+        return self.method.updates_per_batch * self.method.minibatches
 
     @property
     def defer_check(self) -> bool:
@@ -406,7 +412,7 @@ class Trainer:
         acc.wait_for_everyone()
         torch.save({**ckpt.rng_state(), "micro_batches": self.micro_batches, "skipped_pairs": self.skipped["run"],
                     "method": self.method.state_dict(),
-                    "held": [lasting(b) for b in self.held] if self.step % self.method.updates_per_batch else []},
+                    "held": [lasting(b) for b in self.held] if self.step % self.cycle else []},
                    tmp / f"rng_{acc.process_index}.pt")
         acc.wait_for_everyone()
         weights, optimizer = self.gathered_state(with_optimizer=True)       # sharded: every process takes part
@@ -539,7 +545,7 @@ class Trainer:
         self.skipped["run"] = int(state.get("skipped_pairs", 0))
         self.method.load_state_dict(state.get("method", {}))
         self.held = [{k: _to_device(v, self.acc.device) for k, v in b.items()} for b in state.get("held", [])]
-        if self.step % self.method.updates_per_batch and len(self.held) != self.cfg.train.grad_accum:
+        if self.step % self.cycle and len(self.held) != self.cfg.train.grad_accum * self.method.minibatches:
             log.warning("%s holds no prepared batches for step %d; the method prepares new ones", path, self.step + 1)
 
     # ------------------------------------------------------------------------------ in-training evaluation

@@ -88,19 +88,34 @@ def test_several_updates_per_rollout_reuse_it_and_see_the_clip(tiny_pipelines, t
     assert rows[2]["ratio"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_minibatches_sample_every_share_before_the_first_update(tiny_pipelines, tmp_path):
+    """minibatches=2, updates_per_rollout=2: one rollout phase for steps 1-4, each step on one half (1 and 3 on the
+    first, 2 and 4 on the second); step 2's half was sampled before step 1 moved the policy, so its ratio departs
+    from 1 (ddpo-pytorch's off-policy minibatches); step 5 samples anew."""
+    out = tmp_path / "run"
+    assert cli.main(["train", TINY, f"model.pretrained={tiny_pipelines['sd15']}", f"output_dir={out}",
+                     "method.minibatches=2", "method.updates_per_rollout=2", "method.num_steps=3",
+                     "train.max_steps=5", "train.checkpoint_every=0"]) == 0
+    rows = _rows(out)
+    assert rows[0]["reward"] == rows[2]["reward"] and rows[1]["reward"] == rows[3]["reward"]
+    assert rows[0]["reward"] != rows[1]["reward"] and rows[4]["reward"] not in {rows[0]["reward"], rows[1]["reward"]}
+    assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-6) and rows[4]["ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert all(rows[i]["ratio"] != pytest.approx(1.0, abs=1e-6) for i in (1, 2, 3))
+
+
 def test_resume_inside_a_rollout_cycle_is_exact(tiny_pipelines, tmp_path):
-    """A checkpoint between two updates of one rollout holds that rollout: 3 + 1 steps == 4 steps, bit for bit,
-    and DDPO's per-prompt statistics travel with it."""
+    """A checkpoint between two updates of one rollout phase holds its rollouts (both minibatches): 3 + 1 steps
+    == 4 steps, bit for bit, and DDPO's per-prompt statistics travel with it."""
     from safetensors.torch import load_file
 
     common = [TINY, f"model.pretrained={tiny_pipelines['sd15']}", "method.updates_per_rollout=2",
-              "method.num_steps=3", "method.advantages=per_prompt", "method.stat_min_count=3",
+              "method.minibatches=2", "method.num_steps=3", "method.advantages=per_prompt", "method.stat_min_count=3",
               "train.checkpoint_every=3"]
-    a, b = tmp_path / "a", tmp_path / "b"
+    a, b = tmp_path / "a", tmp_path / "b"             # a cycle is 4 steps: the checkpoint falls inside it
     assert cli.main(["train", *common, f"output_dir={a}", "train.max_steps=4"]) == 0
     assert cli.main(["train", *common, f"output_dir={b}", "train.max_steps=3"]) == 0
     saved = torch.load(b / "checkpoint-3" / "rng_0.pt", weights_only=True)
-    assert len(saved["held"]) == 1 and "rollout" in saved["held"][0] and saved["method"]["prompt_stats"]
+    assert len(saved["held"]) == 2 and "rollout" in saved["held"][1] and saved["method"]["prompt_stats"]
     assert cli.main(["train", *common, f"output_dir={b}", "train.max_steps=4", "train.resume=latest"]) == 0
     wa = load_file(a / "final" / "pytorch_lora_weights.safetensors")
     wb = load_file(b / "final" / "pytorch_lora_weights.safetensors")

@@ -10,7 +10,7 @@ from diffalign.config import LoraConfig, ModelConfig
 from diffalign.models import load_model
 from diffalign.models.lora import add_lora
 from diffalign.models.schedules import FlowSchedule, VPSchedule
-from diffalign.sampling import rollout, step_logprob
+from diffalign.sampling import Trajectory, rollout, step_logprob
 
 SD_DDIM = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
            "beta_schedule": "scaled_linear", "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}
@@ -73,6 +73,23 @@ def test_a_rollout_records_steps_whose_log_probs_the_update_recomputes(policy):
         torch.testing.assert_close(logp.detach(), traj.log_probs[k], atol=1e-4, rtol=1e-5)
     again = rollout(policy, latents, cond, 4, 3.0, uncond, eta=0.7, generator=torch.Generator().manual_seed(1))
     assert torch.equal(again.latents, traj.latents)                                   # seeded: reproducible
+
+
+def test_a_step_per_sample_gives_each_row_its_own_steps_log_probability(policy):
+    """DDPO's per-sample timestep order: row b of one call at steps k = [k_0, k_1, ...] equals row b of the call
+    at the shared step k_b."""
+    size, n = (64, 64), 3
+    cond = policy.sampling_cond(["a red circle", "a blue square", "a green circle"], size)
+    uncond = policy.null_cond(n, size)
+    latents = torch.randn(policy.latent_shape(n, size), generator=torch.Generator().manual_seed(0))
+    traj = rollout(policy, latents, cond, 4, 3.0, uncond, eta=0.7, generator=torch.Generator().manual_seed(1))
+    k = torch.tensor([2, 0, 3])
+    mixed = step_logprob(policy, traj, k, cond, uncond, 3.0).detach()
+    for b, kb in enumerate(k.tolist()):
+        shared = step_logprob(policy, traj, kb, cond, uncond, 3.0).detach()
+        torch.testing.assert_close(mixed[b], shared[b], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(traj.log_prob(k), torch.stack([traj.log_probs[kb, b] for b, kb in enumerate(k)]))
+    torch.testing.assert_close(mixed, traj.log_prob(k), atol=1e-4, rtol=1e-5)      # unchanged weights: ratio 1
 
 
 def test_a_window_makes_only_its_steps_stochastic(policy):
@@ -209,6 +226,36 @@ def test_the_grpo_update_holds_one_steps_graph_whatever_the_number_of_sampler_st
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(by_terms, whole, strict=True))
     for p in policy.denoiser.parameters():
         p.grad = None
+
+
+def test_per_sample_timesteps_train_each_image_on_its_own_steps(policy):
+    """With every step trained the per-sample order changes only the order of the terms: the same gradient as the
+    shared order. With a fraction, each image gets its own n distinct stochastic steps."""
+    from diffalign.methods.grpo import GRPO
+
+    def gradient(method, batch):
+        for p in policy.denoiser.parameters():
+            p.grad = None
+        method.loss(policy, batch)[0].backward()
+        grads = [p.grad.clone() for p in policy.denoiser.parameters() if p.grad is not None]
+        for p in policy.denoiser.parameters():
+            p.grad = None
+        return grads
+
+    settings = {"reward": "brightness", "group_size": 2, "num_steps": 4, "guidance_scale": 1.0}
+    shared = GRPO(**settings)
+    batch = shared.prepare(policy, {"prompts": ["a red circle", "a blue square"], "size": (32, 32),
+                                    "indices": torch.tensor([0, 1]), "seeds": torch.tensor([7, 8])})
+    per_sample = GRPO(**settings, per_sample_timesteps=True)
+    torch.manual_seed(0)
+    a, b = gradient(shared, batch), gradient(per_sample, batch)
+    assert a and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b, strict=True))
+    traj = Trajectory.from_dict(batch["rollout"])
+    torch.manual_seed(1)
+    steps = GRPO(**settings, per_sample_timesteps=True, timestep_fraction=0.5).trained_steps(traj)
+    order = torch.stack(steps, dim=1)                                   # [4 images, 2 steps each]
+    assert order.shape == (4, 2) and all(len(set(row.tolist())) == 2 for row in order)
+    assert len({frozenset(row.tolist()) for row in order}) > 1          # not one subset for the batch
 
 
 def test_on_policy_pairs_are_written_in_the_pickapic_schema_and_train(tiny_pipelines, tmp_path, capsys):

@@ -19,6 +19,9 @@ Online methods add a collection phase, which the trainer runs for them:
     updates_per_batch the optimizer steps taken on each prepared batch (GRPO's updates per rollout); the trainer
                       holds the prepared batches in between, in its checkpoints too (keys starting with "_" are
                       transient: not saved, so ``loss`` rebuilds them when missing)
+    minibatches       M: the trainer prepares M steps' worth of micro-batches before the first update, then each
+                      of M optimizer steps trains on the next step's worth (ddpo-pytorch: sample 32, update on
+                      4 x 8); the M steps repeat ``updates_per_batch`` times
     state_dict() / load_state_dict(state)   state carried across steps (DDPO's per-prompt statistics), saved
                       with each checkpoint
     gather(tensor)    set by the trainer: the tensor concatenated over all processes in rank order (identity
@@ -48,6 +51,7 @@ class Method:
     data: ClassVar[str] = "pairs"
     many_grad_calls: ClassVar[bool] = False
     updates_per_batch: ClassVar[int] = 1
+    minibatches: ClassVar[int] = 1
 
     def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

@@ -90,8 +90,14 @@ class GRPO(Method):
                                   "used, the batch's before that (DDPO: 16)", ge=1)
     updates_per_rollout: int = opt(1, "optimizer steps on each rollout batch; after the first the importance "
                                       "ratio departs from 1 and the clip acts", ge=1)
+    minibatches: int = opt(1, "M: rollouts for M optimizer steps are sampled first, then each step trains on its "
+                              "share (train.batch_size x grad_accum prompts), so steps 2..M are off-policy as in "
+                              "ddpo-pytorch (32 images sampled per process, 4 steps on 8 each: M = 4)", ge=1)
     timestep_fraction: float = opt(1.0, "share of the trajectory's stochastic steps trained on per update, drawn "
                                         "at random (Flow-GRPO: 0.99, DanceGRPO on FLUX: 0.6)", gt=0, le=1)
+    per_sample_timesteps: bool = opt(False, "each image draws its own subset and order of the trained steps, as "
+                                            "ddpo-pytorch permutes timesteps per sample; else one subset for the "
+                                            "batch (Flow-GRPO)")
     clip_range: float = opt(1e-4, "PPO clip range of the importance ratio (DDPO and Flow-GRPO: 1e-4)", gt=0)
     adv_clip_max: float = opt(5.0, "advantages are clipped to [-max, max] (DDPO: 5)", gt=0)
     kl_beta: float = opt(0.0, "weight of the KL to the reference, mean((mean - mean_ref)^2 / (2 std^2)) per step "
@@ -191,14 +197,13 @@ class GRPO(Method):
         traj = Trajectory.from_dict(saved)
         cond, uncond = self.conditioning(model, batch)
         advantages = saved["advantages"]
-        trained = [k for k, noisy in enumerate(traj.stochastic) if noisy]
-        trained = sorted(random.sample(trained, max(1, math.ceil(self.timestep_fraction * len(trained)))))
+        trained = self.trained_steps(traj)
         rewards = saved["rewards"]
         once = {"reward": rewards.mean(), "reward_std": rewards.std(unbiased=False),
                 "advantage_abs": advantages.abs().mean(), **{f"reward_{k}": v for k, v in saved["info"].items()}}
         for j, k in enumerate(trained):
             logp, mean, std = step_gaussian(model, traj, k, cond, uncond, self.guidance_scale)
-            step_loss, metrics = losses.clipped_policy_loss(logp, traj.log_probs[k].to(logp.device),
+            step_loss, metrics = losses.clipped_policy_loss(logp, traj.log_prob(k).to(logp.device),
                                                             advantages.to(logp.device), self.clip_range)
             if self.kl_beta > 0:
                 kl = self.kl_to_reference(model, traj, k, cond, uncond, mean, std)
@@ -207,6 +212,17 @@ class GRPO(Method):
             part = step_loss / len(trained)
             metrics = {key: value / len(trained) for key, value in metrics.items()}
             yield part, {"loss": part.detach(), **metrics, **(once if j == 0 else {})}
+
+    def trained_steps(self, traj: Trajectory) -> list[int] | list[Tensor]:
+        """The steps this update trains, in order: step indices shared by the batch, or with
+        ``per_sample_timesteps`` one [B] tensor per term (term j trains image b on its j-th drawn step)."""
+        noisy = [k for k, stochastic in enumerate(traj.stochastic) if stochastic]
+        n = max(1, math.ceil(self.timestep_fraction * len(noisy)))
+        if not self.per_sample_timesteps:
+            return sorted(random.sample(noisy, n))
+        pool = torch.tensor(noisy)
+        order = torch.stack([pool[torch.randperm(len(noisy))[:n]] for _ in range(traj.latents.shape[1])])  # [B, n]
+        return list(order.T)
 
     def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """The whole loss at once (every step's graph kept until backward): for direct calls and tests."""
