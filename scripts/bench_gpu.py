@@ -18,6 +18,8 @@ loader and data source are replaced by the in-memory model and synthetic batches
                (``data.offload_encoders``), so the GPU holds the UNet, LoRA and optimizer state only
     uncached   DPO reading pixels + prompts: the VAE and both text encoders run every step, as in the diffusers
                example
+    precomputed  DPO on cached batches that carry the reference's errors (``method.reference=precomputed``,
+               what ``diffalign cache ... data.reference_epochs=E`` writes): no reference forward
     alignprop  prompts -> DDIM sampling (``--alignprop-steps``, CFG 7.5, gradient through the last step) -> VAE
                decode -> aesthetic reward on a random-weight CLIP ViT-L/14 (no weights can be downloaded)
 
@@ -89,7 +91,7 @@ class Case:
     family: str            # sd15 | sdxl
     method: str            # dpo | mapo | alignprop | diffusers-dpo
     ckpt: bool             # gradient checkpointing
-    data: str = "cached"   # cached | uncached | prompts
+    data: str = "cached"   # cached | uncached | precomputed | prompts
     result: dict = field(default_factory=dict)
 
 
@@ -101,7 +103,8 @@ def all_cases() -> list[Case]:
             cases += [Case(f"{fam}-dpo{suffix}", fam, "dpo", ck),
                       Case(f"diffusers-{fam}-dpo{suffix}", fam, "diffusers-dpo", ck, "uncached")]
             if ck:
-                cases.append(Case(f"{fam}-dpo-uncached{suffix}", fam, "dpo", ck, "uncached"))
+                cases += [Case(f"{fam}-dpo-uncached{suffix}", fam, "dpo", ck, "uncached"),
+                          Case(f"{fam}-dpo-precomputed{suffix}", fam, "dpo", ck, "precomputed")]
         cases += [Case(f"{fam}-mapo-ckpt", fam, "mapo", True), Case(f"{fam}-mapo", fam, "mapo", False),
                   Case(f"{fam}-alignprop-ckpt", fam, "alignprop", True, "prompts"),
                   Case(f"{fam}-alignprop", fam, "alignprop", False, "prompts")]
@@ -258,17 +261,21 @@ class DiffalignStep:
                      f"lora.rank={args.rank}", "train.report_to=none", "train.mixed_precision=bf16",
                      f"train.gradient_checkpointing={str(case.ckpt).lower()}", "train.lr=1e-5",
                      "train.lr_scheduler=constant", f"method.name={case.method}", "train.checkpoint_every=0"]
+        if case.data == "precomputed":
+            overrides.append("method.reference=precomputed")
         if case.method == "alignprop":
             reward = {"name": "aesthetic", "mlp_checkpoint": None,
                       "model_config": CLIP_TINY if args.tiny else CLIP_L14}
             overrides += [f"method.reward={json.dumps(reward)}", f"method.num_steps={args.alignprop_steps}",
                           f"data.prompts={json.dumps(PROMPTS)}"]
         cfg = load_config(None, overrides)
-        self.model = fam.model(torch.bfloat16, encoders_on_device=case.data != "cached")
+        self.model = fam.model(torch.bfloat16, encoders_on_device=case.data not in ("cached", "precomputed"))
         with patched_trainer(self.model) as trainer_class:
             self.trainer = trainer_class(cfg)
         if case.data == "cached":
             self.batch = fam.cached_batch(args.batch)
+        elif case.data == "precomputed":          # the values do not matter for speed; their presence does
+            self.batch = {**fam.cached_batch(args.batch), "ref_errors": torch.rand(args.batch, 2)}
         elif case.data == "uncached":
             self.batch = fam.pixel_batch(args.batch)
         else:
@@ -542,11 +549,14 @@ class Report:
             for ck in ("-ckpt", ""):
                 ours, theirs = done.get(f"{fam}-dpo{ck}", {}), done.get(f"diffusers-{fam}-dpo{ck}", {})
                 unc = done.get(f"{fam}-dpo-uncached{ck}", {})
+                pre = done.get(f"{fam}-dpo-precomputed{ck}", {})
                 if ours.get("rate") and theirs.get("rate"):
                     text = f"{fam} DPO{' (ckpt)' if ck else ''}: diffalign cached / diffusers example = " \
                            f"{ours['rate'] / theirs['rate']:.2f}x"
                     if unc.get("rate"):
                         text += f"; diffalign uncached / diffusers example = {unc['rate'] / theirs['rate']:.2f}x"
+                    if pre.get("rate"):
+                        text += f"; precomputed reference / diffusers example = {pre['rate'] / theirs['rate']:.2f}x"
                     self.emit(text + " (target >= 1.5x)")
         dpo = done.get("sdxl-dpo-ckpt", {})
         if "peak_gib" in dpo and dpo.get("steps"):
