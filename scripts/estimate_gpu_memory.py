@@ -2,6 +2,7 @@
 
     python scripts/estimate_gpu_memory.py                       # SDXL 1024 px and SD 1.5 512 px, DPO/MaPO/AlignProp
     python scripts/estimate_gpu_memory.py --cases sdxl-dpo-ckpt --flops
+    python scripts/estimate_gpu_memory.py --cases sdxl-dpo-ckpt-full,sdxl-dpo-ckpt-full-precomputed   # full FT
 
 Every case builds the real-size UNet (and, where the step needs them, the VAE, both text encoders and the reward's
 CLIP ViT-L/14) inside ``torch._subclasses.FakeTensorMode``, so no weight is allocated and no kernel runs, then does
@@ -167,20 +168,31 @@ def batch_for(family: str, method: str, resolution: int, b: int, model: Any) -> 
             "crops": torch.zeros(2 * b, 2, dtype=torch.long), "indices": torch.arange(b)}
 
 
-def estimate(family: str, method: str, ckpt: bool, args: argparse.Namespace) -> dict:
+def case_overrides(method: str, ckpt: bool, variant: str, resolution: int, args: argparse.Namespace) -> list[str]:
+    overrides = ["model.pretrained=fake", "data.path=fake", f"train.batch_size={args.batch}", "lora.rank=8",
+                 "train.mixed_precision=bf16", f"train.gradient_checkpointing={str(ckpt).lower()}",
+                 f"method.name={method}", f"data.resolution={resolution}"]
+    if variant.startswith("full"):
+        overrides.append("lora.enabled=false")
+    if variant.endswith("precomputed"):
+        overrides.append("method.reference=precomputed")
+    if method == "alignprop":
+        reward = {"name": "aesthetic", "mlp_checkpoint": None, "model_config": CLIP_TINY if args.tiny else CLIP_L14}
+        overrides += [f"method.reward={json.dumps(reward)}", f"method.num_steps={args.alignprop_steps}"]
+    return overrides
+
+
+def estimate(family: str, method: str, ckpt: bool, args: argparse.Namespace, variant: str = "") -> dict:
+    """One case; ``variant`` "full" is full fine-tuning (fp32 master weights, a frozen bf16 reference copy for DPO)
+    and "full-precomputed" the same with precomputed reference errors (no frozen copy)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from diffalign.config import load_config
     from diffalign.trainer import build_optimizer, make_trainable
 
     resolution = args.tiny_resolution if args.tiny else (1024 if family == "sdxl" else 512)
-    overrides = ["model.pretrained=fake", "data.path=fake", f"train.batch_size={args.batch}", "lora.rank=8",
-                 "train.mixed_precision=bf16", f"train.gradient_checkpointing={str(ckpt).lower()}",
-                 f"method.name={method}", f"data.resolution={resolution}"]
-    if method == "alignprop":
-        reward = {"name": "aesthetic", "mlp_checkpoint": None, "model_config": CLIP_TINY if args.tiny else CLIP_L14}
-        overrides += [f"method.reward={json.dumps(reward)}", f"method.num_steps={args.alignprop_steps}"]
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, case_overrides(method, ckpt, variant, resolution, args))
+    seeds = torch.arange(args.batch)          # real, made outside the fake mode: the pairs' draws read them
     started = time.perf_counter()
     with fake_friendly(), FakeTensorMode(allow_non_fake_inputs=True):
         model = build_model(family, args.tiny, encoders=method == "alignprop")
@@ -189,8 +201,13 @@ def estimate(family: str, method: str, ckpt: bool, args: argparse.Namespace) -> 
         if method == "alignprop":
             cfg.method.reward_fn.module.to(torch.float32)         # built (fake) now, so its weights are counted
         batch = batch_for(family, method, resolution, args.batch, model)
+        if method != "alignprop":
+            batch["seeds"] = seeds
+        if variant.endswith("precomputed"):
+            batch["ref_errors"] = torch.rand(args.batch, 2)
         counter = LiveBytes()
-        held = [*model.modules()] + ([cfg.method.reward_fn.module] if method == "alignprop" else [])
+        held = [*model.modules(), *([model.ref_denoiser] if model.ref_denoiser is not None else []),
+                *([cfg.method.reward_fn.module] if method == "alignprop" else [])]     # the frozen copy too
         for module in held:
             for t in [*module.parameters(), *module.buffers()]:
                 counter.add(t)
@@ -211,7 +228,8 @@ def estimate(family: str, method: str, ckpt: bool, args: argparse.Namespace) -> 
         lora = sum(p.numel() * p.element_size() for p in params)
         state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                     if isinstance(t, torch.Tensor) and t.ndim > 0)
-    return {"case": f"{family}-{method}{'-ckpt' if ckpt else ''}", "resolution": resolution,
+    return {"case": f"{family}-{method}{'-ckpt' if ckpt else ''}{'-' + variant if variant else ''}",
+            "resolution": resolution,
             "peak_gib": counter.peak / GiB, "weights_gib": weights / GiB, "lora_grads_gib": lora / GiB,
             "adam_gib": state / GiB, "rest_gib": (counter.peak - weights - lora - state) / GiB,
             "tflop_step": flops / 1e12 if flops else None, "seconds": time.perf_counter() - started}
@@ -227,8 +245,9 @@ def train_step(cfg: Any, model: Any, batch: dict, params: list, optimizer: Any) 
     optimizer.zero_grad(set_to_none=True)
 
 
-CASES = [(fam, method, ckpt) for fam in ("sdxl", "sd15") for method in ("dpo", "mapo", "alignprop")
+CASES = [(fam, method, ckpt, "") for fam in ("sdxl", "sd15") for method in ("dpo", "mapo", "alignprop")
          for ckpt in (True, False)]
+CASES += [(fam, "dpo", True, variant) for fam in ("sdxl", "sd15") for variant in ("full", "full-precomputed")]
 
 
 def main() -> None:
@@ -240,7 +259,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models (a quick self-check)")
     parser.add_argument("--tiny-resolution", type=int, default=64)
     args = parser.parse_args()
-    names = [f"{f}-{m}{'-ckpt' if c else ''}" for f, m, c in CASES]
+    names = [f"{f}-{m}{'-ckpt' if c else ''}{'-' + v if v else ''}" for f, m, c, v in CASES]
     chosen = args.cases.split(",") if args.cases else names
     unknown = set(chosen) - set(names)
     if unknown:
@@ -248,13 +267,13 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}; fake tensors on the CPU device; batch {args.batch} pair(s)/prompt(s), "
           f"LoRA rank 8, bf16 autocast, AdamW; GiB = 2^30 bytes")
-    print("| case | px | predicted peak GiB | weights | LoRA grads | AdamW state | activations + temps | "
-          "TFLOP/step | s |\n|---|---|---|---|---|---|---|---|---|", flush=True)
-    for (fam, method, ckpt), name in zip(CASES, names, strict=True):
+    print("| case | px | predicted peak GiB | weights | grads (LoRA, or all in full FT) | AdamW state | "
+          "activations + temps | TFLOP/step | s |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    for (fam, method, ckpt, variant), name in zip(CASES, names, strict=True):
         if name not in chosen:
             continue
         try:
-            r = estimate(fam, method, ckpt, args)
+            r = estimate(fam, method, ckpt, args, variant)
         except Exception as err:  # noqa: BLE001 (a failing case is a row, the others still run)
             print(f"| {name} | - | failed: {type(err).__name__}: {str(err).splitlines()[0][:150]} |", flush=True)
             continue
