@@ -107,7 +107,10 @@ class LoraConfig:
                               "with a frozen reference copy")
     rank: int = opt(8, "LoRA rank r", ge=1)
     alpha: float | None = opt(None, "LoRA alpha; defaults to the rank (scale 1)", gt=0)
-    target_modules: list = opt(["to_q", "to_k", "to_v", "to_out.0"], "denoiser modules that get adapters")
+    target_modules: list | None = opt(None, "denoiser modules that get adapters; null = the family's attention "
+                                            "projections: to_q, to_k, to_v, to_out.0 (SD 1.x/2.x, SDXL), and on "
+                                            "SD3 / FLUX the joint attention's text stream too (add_q_proj, "
+                                            "add_k_proj, add_v_proj, to_add_out)")
     init: str = opt("gaussian", "LoRA weight init passed to peft", ("gaussian", "default"))
     init_from: str | None = opt(None, "start the adapters from this LoRA (a folder with pytorch_lora_weights."
                                       "safetensors, e.g. an earlier run's final/) instead of `init`; the reference "

@@ -52,8 +52,11 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
 
 
 def make_trainable(model: DiffusionModel, cfg: Config, needs_reference: bool) -> list[torch.nn.Parameter]:
-    """LoRA adapters (reference = adapters disabled) or the whole denoiser (reference = a frozen copy)."""
+    """LoRA adapters (reference = adapters disabled) or the whole denoiser (reference = a frozen copy). An unset
+    ``lora.target_modules`` becomes the family's ``lora_targets`` in ``cfg``, so the run's config records them."""
     if cfg.lora.enabled:
+        if cfg.lora.target_modules is None:
+            cfg.lora.target_modules = list(model.lora_targets)
         params = add_lora(model.denoiser, cfg.lora)
     else:
         if needs_reference:

@@ -25,6 +25,8 @@ for the flow-matching families) is called. The contract:
     denoiser, ref_denoiser    the trained network and, for full fine-tuning, its frozen copy
     weights on disk   denoiser_folder ("unet"), lora_prefix ("unet"), denoiser_class(), load_denoiser(folder),
                       save_lora_file(directory, layers, metadata) through the pipeline's save_lora_weights
+    lora_targets      the modules LoRA adapts when lora.target_modules is not set (the attention projections;
+                      on joint-attention transformers those of the text stream too)
 
 Adding to this list is an API change.
 """
@@ -106,6 +108,11 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# SD3 / FLUX joint attention: the image stream's projections, then the text stream's (where the prompt comes in)
+JOINT_LORA_TARGETS = (*UNET_LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
 class DiffusionModel:
     """Shared plumbing over a diffusers pipeline's denoiser, VAE, text encoders and noise schedule."""
 
@@ -113,6 +120,7 @@ class DiffusionModel:
     denoiser_class_name: ClassVar[str] = "UNet2DConditionModel"   # the network; saved in and loaded from
     denoiser_folder: ClassVar[str] = "unet"                         # this pipeline subfolder, and LoRA keys
     lora_prefix: ClassVar[str] = "unet"                             # start with this prefix
+    lora_targets: ClassVar[tuple[str, ...]] = UNET_LORA_TARGETS
     distilled_guidance: ClassVar[bool] = False   # guidance is a network input (FLUX.1-dev), not classifier-free
 
     def __init__(self, denoiser: torch.nn.Module | None, vae: torch.nn.Module, text_encoders: list, tokenizers: list,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffalign.models.base import Cond, DiffusionModel, outside_autocast, unwrap
+from diffalign.models.base import JOINT_LORA_TARGETS, Cond, DiffusionModel, outside_autocast, unwrap
 from diffalign.models.sd import tokenize
 
 
@@ -50,6 +50,7 @@ class FluxModel(DiffusionModel):
     denoiser_class_name = "FluxTransformer2DModel"
     denoiser_folder = "transformer"
     lora_prefix = "transformer"
+    lora_targets = JOINT_LORA_TARGETS
     distilled_guidance = True
     max_sequence_length = 512           # FluxPipeline's default (FLUX.1-schnell allows at most 256)
 

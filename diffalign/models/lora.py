@@ -7,12 +7,13 @@ Resuming loads the weights back into the SAME adapter ("default"), never a secon
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from diffalign.models.base import DiffusionModel, unwrap
+from diffalign.models.base import UNET_LORA_TARGETS, DiffusionModel, unwrap
 
 if TYPE_CHECKING:
     from diffalign.config import LoraConfig
@@ -21,13 +22,16 @@ ADAPTER = "default"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
-def add_lora(denoiser: torch.nn.Module, cfg: LoraConfig) -> list[torch.nn.Parameter]:
-    """Inject adapters into the denoiser; returns the trainable parameters (kept in fp32)."""
+def add_lora(denoiser: torch.nn.Module, cfg: LoraConfig,
+             default_targets: Sequence[str] = UNET_LORA_TARGETS) -> list[torch.nn.Parameter]:
+    """Inject adapters into the denoiser (into ``cfg.target_modules``, else ``default_targets``: the family's
+    ``lora_targets``); returns the trainable parameters (kept in fp32)."""
     from peft import LoraConfig as PeftLoraConfig
 
+    targets = cfg.target_modules if cfg.target_modules is not None else default_targets
     peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
                               init_lora_weights=True if cfg.init == "default" else cfg.init,
-                              target_modules=list(cfg.target_modules))
+                              target_modules=list(targets))
     denoiser.add_adapter(peft_cfg, adapter_name=ADAPTER)
     params = [p for n, p in denoiser.named_parameters() if "lora_" in n]
     for p in params:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from diffalign.models.base import Cond, DiffusionModel, outside_autocast
+from diffalign.models.base import JOINT_LORA_TARGETS, Cond, DiffusionModel, outside_autocast
 from diffalign.models.sd import tokenize
 
 
@@ -24,6 +24,7 @@ class SD3Model(DiffusionModel):
     denoiser_class_name = "SD3Transformer2DModel"
     denoiser_folder = "transformer"
     lora_prefix = "transformer"
+    lora_targets = JOINT_LORA_TARGETS
     max_sequence_length = 256            # the pipeline's default for T5 tokens
 
     @classmethod
