@@ -138,3 +138,20 @@ def test_timestep_sampling_is_an_option_of_flow_models_only(tiny_pipelines, toy,
           "train.timestep_sampling=logit_normal", "train.max_steps=1"]
     assert cli.main(["train", "configs/tiny_dpo_sd15.yaml", *vp]) == 2
     assert "for flow-matching models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, text_stream", [("sd15", False), ("sd3", True), ("flux", True)])
+def test_unset_lora_targets_are_the_familys_and_reach_the_text_stream_of_joint_attention(family, text_stream,
+                                                                                        tiny_pipelines):
+    """The flow toy barely moved with adapters on the image stream only (README, Measured): on SD3 and FLUX an
+    unset lora.target_modules covers add_q/k/v_proj and to_add_out too, and the run's config records the list."""
+    from diffalign.trainer import make_trainable
+
+    cfg = load_config(None, [f"model.pretrained={tiny_pipelines[family]}", "data.path=unused"])
+    assert cfg.lora.target_modules is None
+    model = load_model(cfg.model)
+    make_trainable(model, cfg, needs_reference=True)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.denoiser.named_parameters() if "lora_A" in n}
+    assert cfg.lora.target_modules == list(model.lora_targets)
+    assert {"to_q", "to_k", "to_v"} <= adapted
+    assert ({"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"} <= adapted) == text_stream
