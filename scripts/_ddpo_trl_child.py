@@ -56,6 +56,26 @@ def group_prompts(prompts: list[str], group: int):
     return prompt_fn
 
 
+def child_env(threads: int) -> dict[str, str]:
+    """The environment both sides of a benchmark run in: the same thread counts, offline, quiet."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+            "DIFFALIGN_LOG": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_child(cmd: list[str], env: dict[str, str], label: str) -> tuple[dict, float]:
+    """Run one side in a fresh process: (the dict it printed as its last ``RESULT {json}`` line, wall seconds)."""
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        sys.exit(f"{label} failed with code {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return json.loads(lines[-1][7:]), wall
+
+
 class PhaseTimer:
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}

@@ -24,13 +24,15 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 PROCESS_START = time.perf_counter()
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _ddpo_trl_child import child_env, run_child  # noqa: E402  (shared with bench_grpo_trl.py; no trl import)
+
 PROMPTS = ["a red circle", "a red square", "a green circle", "a green square",
            "a blue circle", "a blue square", "a yellow circle", "a yellow square"]
 
@@ -71,8 +73,7 @@ def run_diffalign(args: argparse.Namespace) -> dict:
 
 
 def child(side: str, args: argparse.Namespace) -> tuple[dict, float]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "HF_HUB_OFFLINE": "1", "DIFFALIGN_LOG": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env(args.threads)
     if side == "trl":
         cmd = [args.trl_python, str(HERE / "_alignprop_trl_child.py"), "--pretrained", args.pretrained,
                "--prompts", json.dumps(PROMPTS), "--num-steps", str(args.num_steps), "--grad-steps",
@@ -80,13 +81,7 @@ def child(side: str, args: argparse.Namespace) -> tuple[dict, float]:
                str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads), "--seed", str(args.seed)]
     else:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--side", "diffalign"]
-    start = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - start
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode or not lines:
-        sys.exit(f"{side} failed with code {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1][7:]), wall
+    return run_child(cmd, env, side)
 
 
 ROWS = (("s/step (timed, mean)", lambda r, w: r["step_s"]), ("CPU s/step", lambda r, w: r["cpu_step_s"]),

@@ -56,7 +56,7 @@ from pathlib import Path
 PROCESS_START = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _ddpo_trl_child import PhaseTimer  # noqa: E402  (the same phase timer on both sides; no trl import at top)
+from _ddpo_trl_child import PhaseTimer, child_env, run_child  # noqa: E402  (the same phase timer on both sides; no trl import at top)
 
 PROMPTS = ["a red circle", "a red square", "a green circle", "a green square",
            "a blue circle", "a blue square", "a yellow circle", "a yellow square"]
@@ -183,8 +183,7 @@ def source_info() -> dict:
 
 
 def child(side: str, args: argparse.Namespace, variant: str = "default") -> tuple[dict, float]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "HF_HUB_OFFLINE": "1", "DIFFALIGN_LOG": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env(args.threads)
     if side != "trl" and args.diffalign_src:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.diffalign_src, env.get("PYTHONPATH")]))
     if side == "trl":
@@ -195,13 +194,7 @@ def child(side: str, args: argparse.Namespace, variant: str = "default") -> tupl
                "--threads", str(args.threads), "--seed", str(args.seed)]
     else:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--side", "diffalign", "--variant", variant]
-    start = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - start
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode or not lines:
-        sys.exit(f"{side} ({variant}) failed with code {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1][7:]), wall
+    return run_child(cmd, env, f"{side} ({variant})")
 
 
 def main() -> None:
