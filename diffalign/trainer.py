@@ -186,8 +186,8 @@ class Trainer:
         self.check_reference_epochs()
         if hasattr(self.data, "repeat_to"):          # a short prompt list still fills a global batch
             self.data.repeat_to(t.batch_size * self.acc.num_processes)
-        if self.acc.num_processes > 1:
-            self.broadcast_trainable()
+        if self.acc.num_processes > 1 and cfg.lora.enabled and not cfg.lora.init_from:
+            self.broadcast_trainable()   # a fully fine-tuned or loaded denoiser is the same file on every process
         self.optimizer = build_optimizer(cfg, self.params)
         from diffusers.optimization import get_scheduler
 
@@ -210,8 +210,8 @@ class Trainer:
             self.progress_grid = ProgressGrid(cfg, self.model, write=self.acc.is_main_process)
 
     def broadcast_trainable(self) -> None:
-        """Every process starts from the main process's trainable weights (LoRA's random init differs per process,
-        seeded per device). DDP would copy them at wrapping; FSDP2 keeps each process's own slice, so do it here."""
+        """Every process starts from the main process's LoRA init (random, seeded per device). DDP would copy it at
+        wrapping; FSDP2 keeps each process's own slice, so do it here."""
         from accelerate.utils import broadcast
 
         with torch.no_grad():
