@@ -71,17 +71,9 @@ def make_trainable(model: DiffusionModel, cfg: Config, needs_reference: bool) ->
 
 def lasting(batch: dict) -> dict:
     """A prepared batch without its transient ("_") entries, on the CPU: what a checkpoint keeps."""
-    return {k: _to_device(v, "cpu") for k, v in batch.items() if not k.startswith("_")}
+    from accelerate.utils import send_to_device
 
-
-def _to_device(value: Any, device: Any) -> Any:
-    if torch.is_tensor(value):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
-    return value
+    return send_to_device({k: v for k, v in batch.items() if not k.startswith("_")}, "cpu")
 
 
 def flat_hparams(cfg: Config) -> dict[str, Any]:
@@ -536,6 +528,8 @@ class Trainer:
                      self.lr_scheduler.get_last_lr()[0])
 
     def restore_process_state(self, path: Path) -> None:
+        from accelerate.utils import send_to_device
+
         rng = path / f"rng_{self.acc.process_index}.pt"
         if not rng.is_file():
             log.warning("%s has no RNG state for process %d; noise will differ from an uninterrupted run",
@@ -548,7 +542,7 @@ class Trainer:
         self.micro_batches = int(state.get("micro_batches", self.step * self.cfg.train.grad_accum))
         self.skipped["run"] = int(state.get("skipped_pairs", 0))
         self.method.load_state_dict(state.get("method", {}))
-        self.held = [{k: _to_device(v, self.acc.device) for k, v in b.items()} for b in state.get("held", [])]
+        self.held = [send_to_device(b, self.acc.device) for b in state.get("held", [])]
         if self.step % self.cycle and len(self.held) != self.cfg.train.grad_accum * self.method.minibatches:
             log.warning("%s holds no prepared batches for step %d; the method prepares new ones", path, self.step + 1)
 
