@@ -33,7 +33,7 @@ OVERWRITTEN = ("eval",)                      # also deleted by train.overwrite (
 
 REFUSED = ("model.pretrained", "model.vae", "model.variant", "model.revision", "method.name", "lora.enabled",
            "lora.rank", "lora.alpha", "lora.target_modules", "train.batch_size", "train.grad_accum",
-           "train.optimizer", "num_processes", "sharded")
+           "train.optimizer", "num_processes", "sharded", "engine")
 APPLIED = ("train.lr", "train.max_steps", "train.lr_scheduler", "train.warmup_steps", "train.weight_decay",
            "train.adam_betas", "train.adam_eps", "train.max_grad_norm")
 SCHEDULE = ("train.lr", "train.max_steps", "train.lr_scheduler", "train.warmup_steps")
@@ -121,7 +121,7 @@ def _matches(key: str, names: tuple[str, ...]) -> bool:
 
 def config_changes(saved: dict, current: dict) -> dict[str, list[str]]:
     """{"refused" | "applied" | "warned": ["key: checkpoint has A, config has B", ...]} between two configs
-    (``to_dict`` trees, plus top-level ``num_processes`` and ``sharded``)."""
+    (``to_dict`` trees, plus top-level ``num_processes``, ``sharded`` and ``engine``)."""
     a, b = flatten(saved), flatten(current)
     out: dict[str, list[str]] = {"refused": [], "applied": [], "warned": []}
     for key in sorted(set(a) | set(b)):

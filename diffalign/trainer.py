@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffalign import checkpoint as ckpt
-from diffalign import runs, sharded
+from diffalign import runs, sharded, zero
 from diffalign.config import Config, ConfigError, dump_config, to_dict
 from diffalign.data import open_training_data
 from diffalign.data.pairs import DataError
@@ -123,6 +123,15 @@ def _worker_count(requested: int) -> int:
     return requested
 
 
+def keep_models_whole() -> None:
+    """Under ZeRO-3, accelerate registers DeepSpeed's config with transformers, whose ``from_pretrained`` then
+    partitions every model it loads (``zero.Init``): the frozen text encoders and reward models too, which DeepSpeed
+    never manages, so they break. Only the denoiser is partitioned, by DeepSpeed itself when it is prepared."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 def divergence_advice(out: Path, step: int) -> str:
     """Which checkpoint to go back to after step ``step`` diverged: not the one whose weights produced it."""
     found = ckpt.checkpoints(out)
@@ -153,6 +162,7 @@ class Trainer:
                                log_with=None if t.report_to == "none" else t.report_to,
                                kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.process_timeout_s))])
         _check_world(self.acc.num_processes)
+        keep_models_whole()
         set_seed(t.seed, device_specific=True)
         self.method = cfg.method
         runs.check_output_dir(self.out)
@@ -185,9 +195,7 @@ class Trainer:
 
         self.lr_scheduler = get_scheduler(t.lr_scheduler, self.optimizer, num_warmup_steps=t.warmup_steps,
                                           num_training_steps=t.max_steps)
-        self.model.denoiser, self.optimizer = self.acc.prepare(self.model.denoiser, self.optimizer)
-        self.sharded = self.check_sharding()
-        self.params = [p for p in self.model.denoiser.parameters() if p.requires_grad]   # FSDP2 made new ones
+        self.prepare_engine()
         self.step = 0
         self.micro_batches = 0        # micro-batches this process has drawn, whole skipped ones included
         self.held: list[dict] = []    # prepared micro-batches kept for the method's next updates
@@ -196,7 +204,7 @@ class Trainer:
             self.method.gather = self.acc.gather
         self.skipped = {"epoch": -1, "pairs": 0, "run": 0}
         self.progress_grid = None
-        if cfg.eval.every and (self.acc.is_main_process or self.sharded):   # sharded: every process samples
+        if cfg.eval.every and (self.acc.is_main_process or self.everyone_samples):
             from diffalign.eval.monitor import ProgressGrid
 
             self.progress_grid = ProgressGrid(cfg, self.model, write=self.acc.is_main_process)
@@ -210,19 +218,65 @@ class Trainer:
             for p in self.params:
                 p.copy_(broadcast(p.detach().clone()))
 
+    def prepare_engine(self) -> None:
+        """Wrap the denoiser and optimizer for the launch (DDP, FSDP2 or a DeepSpeed engine) and record which."""
+        deepspeed = self.configure_deepspeed()
+        self.model.denoiser, self.optimizer = self.acc.prepare(self.model.denoiser, self.optimizer)
+        self.zero_stage = zero.stage(self.model.denoiser) if deepspeed else 0
+        if deepspeed and not self.zero_stage:
+            raise ConfigError("DeepSpeed without ZeRO (zero_stage 0) is plain data parallelism: use "
+                              "configs/accelerate/multi_gpu.yaml, or set zero_stage 1, 2 or 3")
+        keep_models_whole()
+        self.sharded = self.check_sharding()
+        self.engine = ("fsdp2" if self.sharded else f"deepspeed-zero{self.zero_stage}" if self.zero_stage
+                       else "ddp")
+        self.params = [p for p in self.model.denoiser.parameters() if p.requires_grad]   # FSDP2 made new ones
+
     def check_sharding(self) -> bool:
-        """Whether the denoiser is sharded over the processes (FSDP2). FSDP1 (flat parameters) and DeepSpeed are
-        refused before any step is taken."""
+        """Whether the denoiser is sharded over the processes by FSDP2. FSDP1 (flat parameters) is refused before
+        any step is taken."""
         from accelerate.utils import DistributedType
 
         if self.acc.distributed_type == DistributedType.FSDP and not self.acc.is_fsdp2:
             raise ConfigError("FSDP version 1 is not supported: set `fsdp_version: 2` in the accelerate config "
                               "(configs/accelerate/fsdp2.yaml)")
-        if self.acc.distributed_type == DistributedType.DEEPSPEED:
-            raise ConfigError("DeepSpeed is not supported yet (its engine takes over accumulation, clipping and "
-                              "checkpoints, and it has not run here); FSDP2 shards parameters, gradients and "
-                              "optimizer state as ZeRO-3 does: configs/accelerate/fsdp2.yaml")
         return sharded.is_sharded(self.model.denoiser)
+
+    def configure_deepspeed(self) -> bool:
+        """Whether the run is under DeepSpeed; if so, the engine is set to leave accumulation to the trainer.
+
+        DeepSpeed's own accumulation counts backward calls, but a method may make several per micro-batch (GRPO's
+        timesteps, MaPO's parts). With ``managed_gradient_accumulation=false`` a backward only accumulates and
+        ``engine.step()`` reduces, clips to ``gradient_clipping``, skips a non-finite norm and updates: the same
+        step as the other engines. Values the accelerate config sets that would contradict ours are refused."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type != DistributedType.DEEPSPEED:
+            return False
+        t, ds = self.cfg.train, self.acc.state.deepspeed_plugin.deepspeed_config
+        if t.mixed_precision == "fp16":
+            raise ConfigError("DeepSpeed with train.mixed_precision=fp16 is not supported (its loss scaler skips "
+                              "overflowing steps, which the trainer would take for divergence): use bf16")
+        if t.optimizer != "adamw":
+            raise ConfigError(f"DeepSpeed runs with train.optimizer=adamw only (got {t.optimizer!r})")
+        ours = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": 1,
+                "train_batch_size": t.batch_size * self.acc.num_processes,
+                "gradient_clipping": float(t.max_grad_norm) if t.max_grad_norm is not None else 0.0}
+        setting = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps":
+                   "train.grad_accum (the accelerate config's must be 1)", "train_batch_size": "train.batch_size",
+                   "gradient_clipping": "train.max_grad_norm"}
+        for key, value in ours.items():
+            given = ds.get(key, "auto")
+            if given not in ("auto", None) and float(given) != float(value):
+                raise ConfigError(f"the DeepSpeed config sets {key}={given}, but the run needs {value}: "
+                                  f"set it with {setting[key]} instead (or leave it 'auto')")
+        ds.update(ours, managed_gradient_accumulation=False)
+        return True
+
+    @property
+    def everyone_samples(self) -> bool:
+        """In-training evaluation runs on every process when the weights are partitioned (FSDP2, ZeRO-3)."""
+        return self.sharded or self.zero_stage == 3
 
     # ------------------------------------------------------------------------------ data
     def build_missing_cache(self) -> None:
@@ -309,17 +363,24 @@ class Trainer:
             yield part
 
     # ------------------------------------------------------------------------------ one optimizer step
+    def micro_batches_of_step(self, batches: Iterator[dict]) -> list[dict]:
+        """This step's micro-batches: every minibatch of a cycle is prepared (sampled) before its first update."""
+        t, minibatches = self.cfg.train, self.method.minibatches
+        held = t.grad_accum * minibatches
+        if self.step % self.cycle == 0 or len(self.held) != held:
+            self.held = []                       # new batches for this cycle of steps
+        while len(self.held) < held:
+            self.held.append(self.next_batch(batches))
+        first = (self.step % minibatches) * t.grad_accum
+        return self.held[first:first + t.grad_accum]
+
     def train_step(self, batches: Iterator[dict]) -> dict[str, torch.Tensor]:
+        if self.zero_stage:
+            return self.deepspeed_step(batches)
         t, acc = self.cfg.train, self.acc
         sums: dict[str, torch.Tensor] = {}
         own_sync = self.method.many_grad_calls and not self.sharded   # FSDP2 reduces per backward, any calls
-        minibatches, held = self.method.minibatches, t.grad_accum * self.method.minibatches
-        if self.step % self.cycle == 0 or len(self.held) != held:
-            self.held = []                       # new batches for this cycle of steps
-        while len(self.held) < held:             # every minibatch prepared (sampled) before the first update
-            self.held.append(self.next_batch(batches))
-        first = (self.step % minibatches) * t.grad_accum
-        for i, batch in enumerate(self.held[first:first + t.grad_accum]):
+        for i, batch in enumerate(self.micro_batches_of_step(batches)):
             last = i == t.grad_accum - 1 and not own_sync
             with contextlib.nullcontext() if last else acc.no_sync(self.model.denoiser):
                 for loss, metrics in self.loss_parts(batch):
@@ -351,6 +412,29 @@ class Trainer:
         if self.cycle == 1:
             self.held = []
         sums["grad_norm"] = grad_norm.detach().float() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
+        return sums
+
+    def deepspeed_step(self, batches: Iterator[dict]) -> dict[str, torch.Tensor]:
+        """One optimizer step through the DeepSpeed engine (see :meth:`configure_deepspeed`): the backward calls
+        accumulate, ``engine.step()`` reduces, clips and updates, and skips the update itself when the gradient
+        norm is not finite; the trainer then stops as on the other engines."""
+        t, engine = self.cfg.train, self.model.denoiser
+        sums: dict[str, torch.Tensor] = {}
+        for batch in self.micro_batches_of_step(batches):
+            for loss, metrics in self.loss_parts(batch):
+                engine.backward(loss / t.grad_accum, scale_wrt_gas=False)
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0) + value.float() / t.grad_accum
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        grad_norm = torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float32).detach().cpu()
+        self.resolve_pending()
+        self.pending = (self.nonfinite(sums["loss"], grad_norm), self.step + 1)
+        self.resolve_pending()
+        self.lr_scheduler.step()
+        if self.cycle == 1:
+            self.held = []
+        sums["grad_norm"] = grad_norm
         return sums
 
     def average_gradients(self) -> None:
@@ -422,6 +506,10 @@ class Trainer:
     def gathered_state(self, with_optimizer: bool = False) -> tuple[dict | None, dict | None]:
         """(the denoiser's whole state dict, the optimizer's) on the main process when the denoiser is sharded:
         a collective that every process calls. (None, None) unsharded: the main process saves from its copy."""
+        if self.zero_stage:
+            engine = self.model.denoiser
+            return (zero.full_weights(engine, trainable_only=self.cfg.lora.enabled),
+                    zero.full_optimizer_state(engine) if with_optimizer else None)
         if not self.sharded:
             return None, None
         weights = sharded.full_model_state(self.model.denoiser)
@@ -435,7 +523,8 @@ class Trainer:
         tensors = list(weights.values()) if weights is not None else [p.detach() for p in self.params]
         finite = bool(torch.stack([torch.isfinite(v).all() for v in tensors if v.is_floating_point()]).all())
         ckpt.write_state(directory, {"step": self.step, "num_processes": self.acc.num_processes,
-                                     "sharded": self.sharded, "weights_finite": finite, "config": to_dict(self.cfg)})
+                                     "sharded": self.sharded, "engine": self.engine, "weights_finite": finite,
+                                     "config": to_dict(self.cfg)})
 
     def save_weights(self, directory: Path, weights: dict | None = None) -> None:
         """The LoRA file or the denoiser folder; from ``weights`` (the whole state dict gathered from the
@@ -471,11 +560,14 @@ class Trainer:
             return
         state = ckpt.read_state(path)
         applied = runs.check_resume(path, {**state.get("config", {}), "num_processes": state.get("num_processes"),
-                                           "sharded": state.get("sharded", False)},
+                                           "sharded": state.get("sharded", False),
+                                           "engine": state.get("engine", "fsdp2" if state.get("sharded") else "ddp")},
                                     {**to_dict(self.cfg), "num_processes": self.acc.num_processes,
-                                     "sharded": self.sharded})
+                                     "sharded": self.sharded, "engine": self.engine})
         self.step = state["step"]
-        if self.sharded:
+        if self.zero_stage:
+            self.load_zero(path)
+        elif self.sharded:
             self.load_sharded(path)
         else:
             if self.cfg.lora.enabled:
@@ -508,6 +600,18 @@ class Trainer:
             sharded.load_model_state(denoiser, weights)
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         sharded.load_optimizer_state(denoiser, inner, ckpt.load_tensors(path / "optimizer.pt") if main else {})
+
+    def load_zero(self, path: Path) -> None:
+        """The checkpoint's whole weights and optimizer state, read by every process, set into ZeRO's partitions
+        and the module's copies."""
+        engine, lora = self.model.denoiser, self.cfg.lora.enabled
+        weights = (lora_module_state(self.model, path)[1] if lora else
+                   self.model.load_denoiser(path / self.model.denoiser_folder, torch.float32).state_dict())
+        missing = zero.load_weights(engine, weights, trainable_only=lora)
+        if missing:
+            raise ckpt.CheckpointError(f"{path}: {len(missing)} of the denoiser's weights are not in the "
+                                       f"checkpoint, e.g. {missing[:3]}")
+        zero.load_optimizer_state(engine, ckpt.load_tensors(path / "optimizer.pt"))
 
     def apply_optimizer_settings(self, schedule_changed: bool) -> None:
         """Put the configured lr, betas, eps and weight decay into the loaded optimizer; rebuild the schedule at
@@ -551,7 +655,7 @@ class Trainer:
         """Sample the eval prompts with the current weights on the main process; log the progress grid."""
         if self.progress_grid is not None:
             wrapped = self.model.denoiser
-            denoiser = wrapped if self.sharded else unwrap(wrapped)
+            denoiser = wrapped if self.sharded else unwrap(wrapped)   # ZeRO-3's hooks are on the inner modules
             self.model.denoiser = denoiser      # no DDP hooks: the other processes are not sampling (sharded:
             denoiser.eval()                     # they are, through the shards, and only the main one writes)
             try:

@@ -145,7 +145,12 @@ def test_shipped_accelerate_configs_load_and_fsdp2_matches_the_tested_settings(m
 
     kinds = {p.stem: load_config_from_file(str(p)).distributed_type for p in Path("configs/accelerate").glob("*.yaml")}
     assert kinds == {"single_gpu": DistributedType.NO, "multi_gpu": DistributedType.MULTI_GPU,
-                     "multi_node": DistributedType.MULTI_GPU, "fsdp2": DistributedType.FSDP}
+                     "multi_node": DistributedType.MULTI_GPU, "fsdp2": DistributedType.FSDP,
+                     "deepspeed_zero2": DistributedType.DEEPSPEED, "deepspeed_zero3": DistributedType.DEEPSPEED}
+    for stage in (2, 3):       # what tests/test_deepspeed.py runs: no offload, no zero.Init, accumulation ours
+        ds = load_config_from_file(f"configs/accelerate/deepspeed_zero{stage}.yaml").deepspeed_config
+        assert (ds["zero_stage"], ds["gradient_accumulation_steps"], ds["zero3_init_flag"]) == (stage, 1, False)
+        assert ds["offload_optimizer_device"] == ds["offload_param_device"] == "none"
     tested = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")  # no env
     fsdp = load_config_from_file("configs/accelerate/fsdp2.yaml").fsdp_config
     for key, value in fsdp.items():               # as `accelerate launch` hands them to the processes
