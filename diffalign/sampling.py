@@ -69,7 +69,7 @@ def guided_prediction(model: DiffusionModel, x: Tensor, t: float | Tensor, cond:
 
 def sample(model: DiffusionModel, latents: Tensor, cond: Cond, num_steps: int, guidance_scale: float = 1.0,
            uncond: Cond | None = None, eta: float = 0.0, grad_steps: int = 0,
-           generator: torch.Generator | None = None, steps: list[tuple] | None = None) -> Tensor:
+           generator: torch.Generator | GroupNoise | None = None, steps: list[tuple] | None = None) -> Tensor:
     """The schedule's sampler from initial noise `latents` [B,C,h,w] to clean latents; differentiable in the last
     `grad_steps` steps.
 
@@ -88,12 +88,13 @@ def sample(model: DiffusionModel, latents: Tensor, cond: Cond, num_steps: int, g
 
 
 def _sample_step(model: DiffusionModel, x: Tensor, t: float, t_next: float, cond: Cond, uncond: Cond | None,
-                 guidance_scale: float, eta: float, generator: torch.Generator | None, checkpointed: bool) -> Tensor:
+                 guidance_scale: float, eta: float, generator: torch.Generator | GroupNoise | None,
+                 checkpointed: bool) -> Tensor:
     if checkpointed and torch.is_grad_enabled():
         pred = checkpoint(guided_prediction, model, x, t, cond, uncond, guidance_scale, use_reentrant=False)
     else:
         pred = guided_prediction(model, x, t, cond, uncond, guidance_scale)
-    noise = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 else None
+    noise = randn(x.shape, generator, x.device) if eta > 0 else None
     level = torch.full((x.shape[0],), t, device=x.device)
     return model.schedule.step(pred, x, level, torch.full_like(level, t_next), eta, noise)
 

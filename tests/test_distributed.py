@@ -45,6 +45,32 @@ def test_two_processes_of_one_pair_train_like_one_process_of_two(method, tiny_pi
     assert gap < 1e-2
 
 
+ALIGNPROP = ["train.max_steps=3", "train.checkpoint_every=0", "method.truncation=uniform", "method.eta=1.0",
+             "train.lr=1e-3"]
+
+
+def alignprop_train(processes, batch_size, out, pipeline, *extra, launcher=None, env=None):
+    """configs/tiny_alignprop_sd15.yaml on ``processes`` gloo processes; the final LoRA."""
+    entry = [str(launcher)] if launcher else ["-m", "diffalign.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *entry, "train",
+           "configs/tiny_alignprop_sd15.yaml", f"model.pretrained={pipeline}", f"output_dir={out}",
+           f"train.batch_size={batch_size}", *ALIGNPROP, *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(out / "final" / "pytorch_lora_weights.safetensors")
+
+
+def test_alignprop_on_two_processes_trains_like_one(tiny_pipelines, tmp_path):
+    """Each image's initial noise and eta noise come from its prompt's seed, and the truncation K from the
+    batch_seed every process shares: 2 processes x 1 prompt sample what 1 process x 2 prompts samples."""
+    alone = alignprop_train(1, 2, tmp_path / "one", tiny_pipelines["sd15"])
+    joined = alignprop_train(2, 1, tmp_path / "two", tiny_pipelines["sd15"])
+    keys = [k for k in alone if "lora_B" in k]
+    assert min(alone[k].norm() for k in keys) > 0
+    assert _relative_gap(alone, joined, keys) < 1e-2
+
+
 # accelerate runs FSDP only on accelerators: on CPU it falls back to DDP (MULTI_CPU) whatever the config says. The
 # launcher lifts that one refusal, so accelerate's own FSDP2 preparation (fully_shard per _no_split_modules block)
 # runs over gloo here, as `accelerate launch --config_file configs/accelerate/fsdp2.yaml` sets it up on GPUs.

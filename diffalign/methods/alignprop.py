@@ -20,7 +20,7 @@ from torch import Tensor
 from diffalign.methods.base import Method
 from diffalign.models.base import DiffusionModel
 from diffalign.options import ConfigError, opt
-from diffalign.sampling import guidance_on, sample
+from diffalign.sampling import GroupNoise, guidance_on, randn, sample
 
 
 @dataclass
@@ -86,18 +86,23 @@ class AlignProp(Method):
         return self.grad_steps
 
     def generate(self, model: DiffusionModel, prompts: list[str], size: tuple[int, int],
-                 batch_seed: int | None = None) -> tuple[Tensor, int]:
-        """Images [B,3,H,W] in [0,1] with gradient through the last K steps and the decoder; returns (images, K)."""
+                 batch_seed: int | None = None, seeds: list[int] | None = None) -> tuple[Tensor, int]:
+        """Images [B,3,H,W] in [0,1] with gradient through the last K steps and the decoder; returns (images, K).
+        With ``seeds`` (one per prompt) each image's initial noise and eta noise come from its own generator, so
+        an image is the same whatever process or batch position it is sampled in; without, from torch's."""
         n = len(prompts)
         cond = model.sampling_cond(prompts, size)
         uncond = model.null_cond(n, size) if guidance_on(self.guidance_scale, model) else None
-        latents = torch.randn(model.latent_shape(n, size), device=model.device)
+        noise = GroupNoise(seeds, 1, model.device) if seeds is not None else None
+        latents = randn(model.latent_shape(n, size), noise, model.device)
         k = self.draw_grad_steps(None if batch_seed is None else random.Random(batch_seed))
-        x0 = sample(model, latents, cond, self.num_steps, self.guidance_scale, uncond, self.eta, grad_steps=k)
+        x0 = sample(model, latents, cond, self.num_steps, self.guidance_scale, uncond, self.eta, grad_steps=k,
+                    generator=noise)
         return model.decode_latents(x0), k
 
     def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        images, k = self.generate(model, batch["prompts"], batch["size"], batch.get("batch_seed"))
+        seeds = batch["seeds"].tolist() if "seeds" in batch else None
+        images, k = self.generate(model, batch["prompts"], batch["size"], batch.get("batch_seed"), seeds)
         scores = self.reward_fn(images, batch["prompts"])                                   # [B]
         if self.reward_target is None:
             loss = -scores.mean()
