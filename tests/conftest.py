@@ -21,6 +21,14 @@ def tiny_pipelines(tmp_path_factory):
     return {fam: build_tiny_pipeline(fam, root / fam) for fam in ("sd15", "sd2", "sdxl", "sd3", "flux")}
 
 
+@pytest.fixture(scope="session")
+def toy_pairs(tmp_path_factory):
+    """8 toy pairs at 64 px, shared by the multi-process tests (and their one-process references)."""
+    from diffalign.data.toy import write_toy_pairs
+
+    return write_toy_pairs(tmp_path_factory.mktemp("toy_pairs"), num_pairs=8, size=64)
+
+
 def poison_loss(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
     """Make Diffusion-DPO's loss non-finite on its `at_call`-th call (1-based), to exercise the NaN guard."""
     from diffalign.methods.dpo import DiffusionDPO

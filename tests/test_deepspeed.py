@@ -8,9 +8,7 @@ import sys
 
 import pytest
 from safetensors.torch import load_file
-from test_distributed import SETTINGS, _relative_gap, _train, alignprop_train
-
-from diffalign.data.toy import write_toy_pairs
+from test_distributed import FULL, SETTINGS, _relative_gap, alignprop_reference, alignprop_train, lora_of, reference
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is in the dev extras: pip install -e '.[dev]'")
 
@@ -53,8 +51,8 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return write_toy_pairs(tmp_path_factory.mktemp("toy"), num_pairs=8, size=64)
+def toy(toy_pairs):
+    return toy_pairs
 
 
 DS_ENV = {"DS_ACCELERATOR": "cpu", "ACCELERATE_USE_DEEPSPEED": "true"}
@@ -81,8 +79,8 @@ def _engine(checkpoint):
     return json.loads((checkpoint / "trainer_state.json").read_text())["engine"]
 
 
-def test_zero2_lora_trains_like_one_process_and_checkpoints_whole(tiny_pipelines, toy, tmp_path):
-    alone = _train(1, 2, tmp_path / "one", tiny_pipelines["sd15"], toy, [])
+def test_zero2_lora_trains_like_one_process_and_checkpoints_whole(tiny_pipelines, toy, tmp_path, tmp_path_factory):
+    alone = lora_of(reference(tmp_path_factory, tiny_pipelines["sd15"], toy, ["method.name=dpo"]))
     out = tmp_path / "zero2"
     _dpo(2, out, tiny_pipelines["sd15"], toy, "train.checkpoint_every=2", "eval.every=3", "eval.every_prompts=1",
          "eval.num_steps=2")
@@ -94,18 +92,19 @@ def test_zero2_lora_trains_like_one_process_and_checkpoints_whole(tiny_pipelines
     assert sorted(p.name for p in (out / "eval").glob("step-*")) == ["step-000000", "step-000003"]
 
 
-def test_zero3_full_fine_tuning_resumes_and_matches_one_process(tiny_pipelines, toy, tmp_path, capsys):
+def test_zero3_full_fine_tuning_resumes_and_matches_one_process(tiny_pipelines, toy, tmp_path, tmp_path_factory,
+                                                                capsys):
     """ZeRO-3 partitions the UNet itself: the checkpoint gathers its fp32 masters and Adam moments into the
     ordinary denoiser folder and a name-keyed optimizer file; resume sets them back into the partitions."""
-    full = ["lora.enabled=false", "train.lr=1e-4"]
-    _train(1, 2, tmp_path / "one", tiny_pipelines["sd15"], toy, full)
+    full = FULL
+    one = reference(tmp_path_factory, tiny_pipelines["sd15"], toy, FULL)
     out = tmp_path / "zero3"
     _dpo(3, out, tiny_pipelines["sd15"], toy, *full, "train.max_steps=2", "train.checkpoint_every=2")
     assert _engine(out / "checkpoint-2") == "deepspeed-zero3"
     log = _dpo(3, out, tiny_pipelines["sd15"], toy, *full, "train.resume=latest").stderr
     assert "resumed from" in log and "at step 2" in log
     name = "final/unet/diffusion_pytorch_model.safetensors"
-    alone, joined = load_file(tmp_path / "one" / name), load_file(out / name)
+    alone, joined = load_file(one / name), load_file(out / name)
     start = load_file(tiny_pipelines["sd15"] / "unet" / "diffusion_pytorch_model.safetensors")
     assert joined.keys() == alone.keys()
     moved = sum((alone[k] - start[k]).square().sum() for k in alone).sqrt()
@@ -120,10 +119,11 @@ def test_zero3_full_fine_tuning_resumes_and_matches_one_process(tiny_pipelines, 
     assert rc != 0 and "engine: checkpoint has 'deepspeed-zero3', config has 'ddp'" in capsys.readouterr().err
 
 
-def test_zero2_alignprop_with_several_denoiser_calls_per_backward_trains_like_one_process(tiny_pipelines, tmp_path):
+def test_zero2_alignprop_with_several_denoiser_calls_per_backward_trains_like_one_process(tiny_pipelines, tmp_path,
+                                                                                         tmp_path_factory):
     """AlignProp backpropagates through several sampler steps at once; DeepSpeed's engine reduces once per
     optimizer step (managed accumulation off)."""
-    alone = alignprop_train(1, 2, tmp_path / "one", tiny_pipelines["sd15"])
+    alone = alignprop_reference(tmp_path_factory, tiny_pipelines["sd15"])
     zero = tmp_path / "zero2"
     launcher = tmp_path / "ds_launcher.py"
     launcher.write_text(DS_LAUNCHER)
@@ -143,8 +143,33 @@ def test_zero2_stops_on_a_non_finite_step_without_writing_it(tiny_pipelines, toy
     assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists() and not (out / "final").exists()
 
 
-def test_deepspeed_accumulation_is_refused_in_favour_of_train_grad_accum(tiny_pipelines, toy, tmp_path):
-    done = _dpo(2, tmp_path / "run", tiny_pipelines["sd15"], toy, processes=1, check=False,
-                env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
-    assert done.returncode != 0
-    assert "gradient_accumulation_steps=4" in done.stderr and "train.grad_accum" in done.stderr
+def test_deepspeed_settings_that_contradict_the_run_are_refused():
+    """The engine is configured from the run's settings; an accelerate config that says otherwise is refused
+    (the real plugin, as `accelerate launch` builds it; only the Accelerator around it is a stand-in)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    from diffalign.config import ConfigError, load_config
+    from diffalign.trainer import Trainer
+
+    cfg = load_config("configs/tiny_dpo_sd15.yaml")
+
+    def configure(**plugin):
+        plugin = DeepSpeedPlugin(zero_stage=2, **plugin)
+        acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
+                              state=SimpleNamespace(deepspeed_plugin=plugin))
+        assert Trainer.configure_deepspeed(SimpleNamespace(cfg=cfg, acc=acc)) is True
+        return plugin.deepspeed_config
+
+    ds = configure(gradient_clipping=cfg.train.max_grad_norm)
+    assert ds["managed_gradient_accumulation"] is False and ds["gradient_accumulation_steps"] == 1
+    assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (cfg.train.batch_size,
+                                                                             2 * cfg.train.batch_size)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=4.*train.grad_accum"):
+        configure(gradient_accumulation_steps=4)
+    with pytest.raises(ConfigError, match="gradient_clipping=0.25.*train.max_grad_norm"):
+        configure(gradient_clipping=0.25)
+    cfg.train.mixed_precision = "fp16"
+    with pytest.raises(ConfigError, match="fp16"):
+        configure()

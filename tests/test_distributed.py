@@ -7,15 +7,38 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from diffalign.data.toy import write_toy_pairs
-
+FULL = ["lora.enabled=false", "train.lr=1e-4"]
 SETTINGS = ["train.lr=1e-3", "train.log_every=1", "train.report_to=none", "train.max_steps=3",
             "data.resolution=64", "data.num_workers=0", "lora.rank=4"]
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return write_toy_pairs(tmp_path_factory.mktemp("toy"), num_pairs=8, size=64)
+def toy(toy_pairs):
+    return toy_pairs
+
+
+_ONE_PROCESS: dict[tuple, object] = {}     # one-process reference runs, trained once per setting per session
+
+
+def one_process(key, train):
+    """``train()``'s result, trained the first time ``key`` is asked for: several tests (here and in
+    test_deepspeed.py) compare different engines with the same one-process run."""
+    if key not in _ONE_PROCESS:
+        _ONE_PROCESS[key] = train()
+    return _ONE_PROCESS[key]
+
+
+def reference(tmp_path_factory, pipeline, toy, method):
+    """The one-process, 2-pair run of configs/tiny_dpo_sd15.yaml with ``method``: its output folder."""
+    def train():
+        out = tmp_path_factory.mktemp("one") / "run"
+        _train(1, 2, out, pipeline, toy, method)
+        return out
+    return one_process(("dpo", str(pipeline), str(toy), *method), train)
+
+
+def lora_of(out):
+    return load_file(out / "final" / "pytorch_lora_weights.safetensors")
 
 
 def _train(processes, batch_size, out, pipeline, toy, method):
@@ -31,10 +54,11 @@ def _train(processes, batch_size, out, pipeline, toy, method):
 
 @pytest.mark.parametrize("method", [["method.name=dpo"], ["method.name=mapo"],
                                     ["method.name=inpo", "method.inversion_steps=4"]], ids=lambda m: m[0][12:])
-def test_two_processes_of_one_pair_train_like_one_process_of_two(method, tiny_pipelines, toy, tmp_path):
+def test_two_processes_of_one_pair_train_like_one_process_of_two(method, tiny_pipelines, toy, tmp_path,
+                                                                 tmp_path_factory):
     """Each pair draws its latent sample, t and noise (InPO: and its inversion noise) from its own seed, so the
     draws do not depend on the process count; DDP averages the two halves' gradients into the global batch's."""
-    alone = _train(1, 2, tmp_path / "one", tiny_pipelines["sd15"], toy, method)
+    alone = lora_of(reference(tmp_path_factory, tiny_pipelines["sd15"], toy, method))
     joined = _train(2, 1, tmp_path / "two", tiny_pipelines["sd15"], toy, method)
     assert alone.keys() == joined.keys()
     moved = {k: v.norm().item() for k, v in alone.items() if "lora_B" in k}       # B starts at zero
@@ -61,10 +85,15 @@ def alignprop_train(processes, batch_size, out, pipeline, *extra, launcher=None,
     return load_file(out / "final" / "pytorch_lora_weights.safetensors")
 
 
-def test_alignprop_on_two_processes_trains_like_one(tiny_pipelines, tmp_path):
+def alignprop_reference(tmp_path_factory, pipeline):
+    return one_process(("alignprop", str(pipeline)),
+                       lambda: alignprop_train(1, 2, tmp_path_factory.mktemp("one") / "run", pipeline))
+
+
+def test_alignprop_on_two_processes_trains_like_one(tiny_pipelines, tmp_path, tmp_path_factory):
     """Each image's initial noise and eta noise come from its prompt's seed, and the truncation K from the
     batch_seed every process shares: 2 processes x 1 prompt sample what 1 process x 2 prompts samples."""
-    alone = alignprop_train(1, 2, tmp_path / "one", tiny_pipelines["sd15"])
+    alone = alignprop_reference(tmp_path_factory, tiny_pipelines["sd15"])
     joined = alignprop_train(2, 1, tmp_path / "two", tiny_pipelines["sd15"])
     keys = [k for k in alone if "lora_B" in k]
     assert min(alone[k].norm() for k in keys) > 0
@@ -107,10 +136,11 @@ def _relative_gap(a, b, keys):
     return max((a[k] - b[k]).norm().item() / a[k].norm().item() for k in keys)
 
 
-def test_fsdp2_lora_trains_like_one_process_and_evaluates_through_the_shards(tiny_pipelines, toy, tmp_path):
+def test_fsdp2_lora_trains_like_one_process_and_evaluates_through_the_shards(tiny_pipelines, toy, tmp_path,
+                                                                           tmp_path_factory):
     import json
 
-    alone = _train(1, 2, tmp_path / "one", tiny_pipelines["sd15"], toy, [])
+    alone = lora_of(reference(tmp_path_factory, tiny_pipelines["sd15"], toy, ["method.name=dpo"]))
     out = tmp_path / "fsdp"
     _fsdp_train(out, tiny_pipelines["sd15"], toy, "train.checkpoint_every=2", "eval.every=3", "eval.every_prompts=1",
                 "eval.num_steps=2")
@@ -124,15 +154,15 @@ def test_fsdp2_lora_trains_like_one_process_and_evaluates_through_the_shards(tin
     assert sorted(p.name for p in (out / "eval").glob("step-*")) == ["step-000000", "step-000003"]
 
 
-def test_fsdp2_full_fine_tuning_resumes_and_matches_one_process(tiny_pipelines, toy, tmp_path):
+def test_fsdp2_full_fine_tuning_resumes_and_matches_one_process(tiny_pipelines, toy, tmp_path, tmp_path_factory):
     """The sharded denoiser and its Adam state are gathered into an ordinary checkpoint and scattered back."""
-    full = ["lora.enabled=false", "train.lr=1e-4"]
-    _train(1, 2, tmp_path / "one", tiny_pipelines["sd15"], toy, full)
+    full = FULL
+    one = reference(tmp_path_factory, tiny_pipelines["sd15"], toy, FULL)
     out = tmp_path / "fsdp"
     _fsdp_train(out, tiny_pipelines["sd15"], toy, *full, "train.max_steps=2", "train.checkpoint_every=2")
     log = _fsdp_train(out, tiny_pipelines["sd15"], toy, *full, "train.resume=latest")
     assert "resumed from" in log and "at step 2" in log
-    alone = load_file(tmp_path / "one" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    alone = load_file(one / "final" / "unet" / "diffusion_pytorch_model.safetensors")
     joined = load_file(out / "final" / "unet" / "diffusion_pytorch_model.safetensors")
     start = load_file(tiny_pipelines["sd15"] / "unet" / "diffusion_pytorch_model.safetensors")
     assert joined.keys() == alone.keys()
