@@ -15,12 +15,17 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is in the dev extras: pip ins
 # accelerate starts DeepSpeed only on an accelerator: on CPU it leaves the processes undistributed. The launcher
 # lifts that one refusal (a gloo process group where accelerate found no device), and the trainer's own CPU
 # switch, which would ask accelerate for plain MULTI_CPU. DS_ACCELERATOR=cpu is DeepSpeed's CPU backend (gloo).
+# It also skips DeepSpeed's shared-memory all-reduce for CPU tensors, a compiled speed-up that costs a 20 s C++
+# build on a fresh machine; without it DeepSpeed's collectives go through torch.distributed's gloo.
 DS_LAUNCHER = """
 import os
 import sys
 
 import accelerate.state
+import deepspeed.comm.torch  # noqa: F401  (the attribute of that name is torch itself: take the module)
 from accelerate.utils import DistributedType
+
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 _prepare_backend = accelerate.state.PartialState._prepare_backend
 
