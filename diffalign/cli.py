@@ -125,8 +125,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _train(cfg, args: argparse.Namespace) -> int:
     from diffalign.trainer import train
+    from diffalign.workers import is_main_process
 
-    print(f"final weights: {train(cfg)}")
+    final = train(cfg)
+    if is_main_process():                 # one line per run, not one per launched process
+        print(f"final weights: {final}")
     return 0
 
 
