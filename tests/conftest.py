@@ -12,6 +12,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _index_cache(tmp_path_factory):
+    """diffalign's own cache (tar shard indexes) in the session's tmp folder, for this process and the processes
+    the tests launch, never in ~/.cache."""
+    os.environ["DIFFALIGN_CACHE"] = str(tmp_path_factory.mktemp("diffalign_cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory):
     """{family: path} of tiny random-weight pipelines saved with save_pretrained."""

@@ -366,3 +366,43 @@ def test_tar_layout_errors_name_the_shard_and_key(tmp_path: Path) -> None:
         add(archive, "k1.json", good)
     with pytest.raises(DataError, match=r"g.tar: not an uncompressed tar file"):
         PreferencePairs(cfg(tmp_path / "g.tar"))
+
+
+def test_tar_index_is_cached_per_shard_and_rebuilt_when_the_shard_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from diffalign.data import tar
+
+    monkeypatch.setenv("DIFFALIGN_CACHE", str(tmp_path / "cache"))
+    records = rows()
+    paths = write_tars(tmp_path / "tars", records)
+    first = PreferencePairs(cfg(tmp_path / "tars"))
+    assert len(list((tmp_path / "cache" / "tar_index").glob("*.json"))) == len(paths)
+
+    opened = []
+    real_open = tarfile.open
+    def counting_open(*args, **kw):                        # the reader's header scans, not write_tars' writes
+        if kw.get("mode") == "r:":
+            opened.append(kw["fileobj"])
+        return real_open(*args, **kw)
+
+    monkeypatch.setattr(tar.tarfile, "open", counting_open)
+    with caplog.at_level(logging.INFO, logger="diffalign"):
+        again = PreferencePairs(cfg(tmp_path / "tars"))
+    assert opened == [] and f"{len(paths)} from the index cache" in caplog.text    # no header was read
+    assert again.stats == first.stats
+    same_pairs(again._source, first._source)
+
+    # a rewritten shard (other samples, so another size) is indexed again; the others still come from the cache
+    records[0]["caption"], records[3]["label_0"] = "a longer caption than before", 0.5
+    write_tars(tmp_path / "tars", records[:8])
+    changed = PreferencePairs(cfg(tmp_path / "tars"))
+    assert len(opened) == 1 and changed._source.prompt(0) == "a longer caption than before"
+    assert changed.stats["ties_dropped"] == first.stats["ties_dropped"] + 1     # row 3 is a tie now
+
+    # a damaged cache entry is read past with a warning, and replaced
+    for entry in (tmp_path / "cache" / "tar_index").glob("*.json"):
+        entry.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="diffalign"):
+        rebuilt = PreferencePairs(cfg(tmp_path / "tars"))
+    assert "is unreadable" in caplog.text and len(opened) == 1 + len(paths)
+    assert rebuilt.stats == changed.stats

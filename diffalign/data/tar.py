@@ -7,7 +7,10 @@ which enable duplicate counting as for parquet). Other members are ignored.
 
 Opening a set reads every shard's headers once (std-lib ``tarfile``; headers only, it seeks past the image
 data) and the small json members, so the pairs follow the same rules and messages as parquet
-(``pairs.choose_pairs``: ties, null captions, labels, duplicates). An image is then read on demand with one
+(``pairs.choose_pairs``: ties, null captions, labels, duplicates). Each shard's index is kept in the index cache
+(``$DIFFALIGN_CACHE/tar_index``, else ``~/.cache/diffalign/tar_index``) under the shard's path, size and
+modification time (a URL's ETag), so the next run, and every launched process after the first, reads one small
+file per shard instead of every header; a changed shard is indexed again. An image is then read on demand with one
 positional read of its member's bytes: memory holds one pair at a time, whatever the shard sizes. Rows are
 numbered across the shards in order; messages name the shard and the key.
 
@@ -23,11 +26,13 @@ once; for remote sets prefer parquet (its footers index the set in a few request
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,13 +54,59 @@ IMAGE_FORMATS = {s.lstrip(".") for s in IMAGE_SUFFIXES}
 UID_KEYS = ("image_0_uid", "image_1_uid")
 
 
+INDEX_VERSION = 1
+
+
+def index_cache_dir() -> Path:
+    """Where shard indexes are kept: ``$DIFFALIGN_CACHE/tar_index``, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)
+    ``/diffalign/tar_index``."""
+    root = os.environ.get("DIFFALIGN_CACHE") or (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffalign")
+    return Path(root) / "tar_index"
+
+
 class _ShardIndex:
     """One shard's samples in order: key, the two image members (offset, size, extension; None = absent) and
     the json fields the pairs need (label_0, caption, the image uids when present), from the headers and the json
     members. Only those fields are kept, not the parsed records, so opening a million samples stays small."""
 
+    FIELDS = ("keys", "images", "labels", "captions", "uids", "all_uids")
+
+    @classmethod
+    def load(cls, shards: ShardSet, k: int) -> _ShardIndex:
+        """The cached index when it was built from this very shard (path, size, stamp); else built from the
+        headers and cached. A shard that fails to index raises as before and caches nothing."""
+        stamp = {"version": INDEX_VERSION, "shard": shards.display(k), "stat": shards.stat(k)}
+        path = index_cache_dir() / f"{hashlib.sha1(json.dumps(stamp).encode()).hexdigest()}.json"
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("stamp") == stamp:
+                index = cls.__new__(cls)
+                index.name, index.cached = shards.display(k), True
+                for field in cls.FIELDS:
+                    setattr(index, field, saved[field])
+                return index
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            logger.warning("%s: its cached index %s is unreadable (%s); indexing the shard again",
+                           shards.display(k), path, err)
+        index, tmp = cls(shards, k), None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+                tmp = f.name
+                json.dump({"stamp": stamp, **{field: getattr(index, field) for field in cls.FIELDS}}, f)
+            os.replace(tmp, path)                       # whole or absent: a killed run leaves no half index
+        except OSError as err:
+            logger.warning("could not cache the index of %s in %s (%s); it is indexed again next time",
+                           shards.display(k), path.parent, err)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+        return index
+
     def __init__(self, shards: ShardSet, k: int) -> None:
-        self.name = shards.display(k)
+        self.name, self.cached = shards.display(k), False
         self.keys: list[str] = []
         self.images: list[list[tuple[int, int, str] | None]] = []
         self.labels: list[float] = []
@@ -144,7 +195,7 @@ class TarPairs:
 
         self.shards, self.path = shards, cfg.path
         started = time.perf_counter()
-        indexes = [_ShardIndex(shards, k) for k in range(len(shards.files))]
+        indexes = [_ShardIndex.load(shards, k) for k in range(len(shards.files))]
         counts = np.asarray([len(ix.keys) for ix in indexes], dtype=np.int64)
         if not counts.sum():
             raise DataError(f"{cfg.path}: the dataset has no rows (no samples with a json member in "
@@ -159,6 +210,7 @@ class TarPairs:
         if all(ix.all_uids for ix in indexes):
             keys = key_codes([captions, *(pa.array([u[side] for ix in indexes for u in ix.uids], pa.large_string())
                                           for side in (0, 1))])
+        cached = sum(ix.cached for ix in indexes)
         del indexes
         self.rows, self.winner_is_0, self.stats = choose_pairs(
             labels, captions.is_null().to_numpy(zero_copy_only=False), keys, cfg, self.where)
@@ -167,8 +219,8 @@ class TarPairs:
         first_block = np.concatenate([[0], np.cumsum(np.ceil(counts / BLOCK_SAMPLES).astype(np.int64))[:-1]])
         self.blocks = first_block[self.shard_of[self.rows]] + within // BLOCK_SAMPLES
         self._handles = ShardHandles(self._open, max(cfg.shuffle_window, 1))
-        logger.info("%s: indexed %d tar shard(s), %d samples in %.1f s", cfg.path, len(shards.files),
-                    int(counts.sum()), time.perf_counter() - started)
+        logger.info("%s: indexed %d tar shard(s) (%d from the index cache), %d samples in %.1f s", cfg.path,
+                    len(shards.files), cached, int(counts.sum()), time.perf_counter() - started)
 
     @staticmethod
     def _members(indexes: list[_ShardIndex]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
