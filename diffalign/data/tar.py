@@ -9,8 +9,8 @@ Opening a set reads every shard's headers once (std-lib ``tarfile``; headers onl
 data) and the small json members, so the pairs follow the same rules and messages as parquet
 (``pairs.choose_pairs``: ties, null captions, labels, duplicates). Each shard's index is kept in the index cache
 (``$DIFFALIGN_CACHE/tar_index``, else ``~/.cache/diffalign/tar_index``) under the shard's path, size and
-modification time (a URL's ETag), so the next run, and every launched process after the first, reads one small
-file per shard instead of every header; a changed shard is indexed again. An image is then read on demand with one
+modification time (a URL's ETag), so a later run reads one small file per shard instead of every header; a
+changed shard is indexed again. An image is then read on demand with one
 positional read of its member's bytes: memory holds one pair at a time, whatever the shard sizes. Rows are
 numbered across the shards in order; messages name the shard and the key.
 
