@@ -426,10 +426,10 @@ class Trainer:
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0) + value.float() / t.grad_accum
         engine.step()
-        norm = engine.get_global_grad_norm()
+        norm = engine.get_global_grad_norm()          # None only if DeepSpeed computed none: then the loss decides
         grad_norm = torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float32).detach().cpu()
         self.resolve_pending()
-        self.pending = (self.nonfinite(sums["loss"], grad_norm), self.step + 1)
+        self.pending = (self.nonfinite(sums["loss"], torch.zeros(()) if norm is None else grad_norm), self.step + 1)
         self.resolve_pending()
         self.lr_scheduler.step()
         if self.cycle == 1:
