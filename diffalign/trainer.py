@@ -508,8 +508,9 @@ class Trainer:
         a collective that every process calls. (None, None) unsharded: the main process saves from its copy."""
         if self.zero_stage:
             engine = self.model.denoiser
-            return (zero.full_weights(engine, trainable_only=self.cfg.lora.enabled),
-                    zero.full_optimizer_state(engine) if with_optimizer else None)
+            keep = self.acc.is_main_process                  # the others take part and keep nothing
+            return (zero.full_weights(engine, trainable_only=self.cfg.lora.enabled, keep=keep),
+                    zero.full_optimizer_state(engine, keep=keep) if with_optimizer else None)
         if not self.sharded:
             return None, None
         weights = sharded.full_model_state(self.model.denoiser)

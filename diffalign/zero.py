@@ -26,12 +26,17 @@ def _inner(engine: Any) -> torch.optim.Optimizer:
 
 
 def _full(param: torch.nn.Parameter, moment: str | None = None) -> torch.Tensor:
+    """The whole fp32 master (or Adam moment) of one parameter, on its device: a collective."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     value = safe_get_full_fp32_param(param) if moment is None else safe_get_full_optimizer_state(param, moment)
     if value is None:
         raise RuntimeError("DeepSpeed holds no fp32 master for a trainable parameter; is the optimizer ZeRO's?")
-    return value.detach().to("cpu", torch.float32)
+    return value.detach()
+
+
+def _cpu(value: torch.Tensor) -> torch.Tensor:
+    return value.to("cpu", torch.float32)
 
 
 def _flat_partitions(zero_optimizer: Any) -> list[torch.Tensor]:
@@ -44,27 +49,32 @@ def _flat_partitions(zero_optimizer: Any) -> list[torch.Tensor]:
                        "fp32_partitioned_groups_flat nor single_partition_of_fp32_groups; resume needs one")
 
 
-def full_weights(engine: Any, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """The fp32 masters of the trainable parameters by name, whole on the CPU of every process; with
-    ``trainable_only=False`` also the frozen parameters and the buffers, so the dict is the module's state."""
+def full_weights(engine: Any, trainable_only: bool, keep: bool) -> dict[str, torch.Tensor]:
+    """The fp32 masters of the trainable parameters by name, whole on the CPU of the process with ``keep`` (an
+    empty dict on the others, which only take part); with ``trainable_only=False`` also the frozen parameters and
+    the buffers, so the dict is the module's state."""
     from deepspeed import zero
 
     module, out = engine.module, {}
     for name, param in module.named_parameters():
         if param.requires_grad:
-            out[name] = _full(param)
+            value = _full(param)
         elif not trainable_only:
             with zero.GatheredParameters([param]):      # a no-op below stage 3
-                out[name] = param.detach().to("cpu").clone()
-    if not trainable_only:
+                value = param.detach().to("cpu").clone()
+        else:
+            continue
+        if keep:
+            out[name] = _cpu(value)
+    if keep and not trainable_only:
         keys = module.state_dict().keys()
         out.update({k: b.detach().to("cpu").clone() for k, b in module.named_buffers() if k in keys})
     return out
 
 
-def full_optimizer_state(engine: Any) -> dict[str, Any]:
+def full_optimizer_state(engine: Any, keep: bool) -> dict[str, Any]:
     """Adam's moments whole and keyed by parameter name, with the step count and the group settings: the layout
-    ``torch.distributed.checkpoint`` gives an FSDP2 run."""
+    ``torch.distributed.checkpoint`` gives an FSDP2 run. Whole on the CPU of the process with ``keep`` only."""
     inner = _inner(engine)
     steps = [s["step"] for s in inner.state.values() if "step" in s]
     state = {}
@@ -72,7 +82,9 @@ def full_optimizer_state(engine: Any) -> dict[str, Any]:
         step = torch.as_tensor(steps[0], dtype=torch.float32).detach().cpu()
         for name, param in engine.module.named_parameters():
             if param.requires_grad:
-                state[name] = {"step": step.clone(), **{m: _full(param, m) for m in ADAM_MOMENTS}}
+                moments = {m: _full(param, m) for m in ADAM_MOMENTS}        # every process takes part
+                if keep:
+                    state[name] = {"step": step.clone(), **{m: _cpu(v) for m, v in moments.items()}}
     names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names} for g in inner.param_groups]
     return {"state": state, "param_groups": groups}
