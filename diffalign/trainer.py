@@ -162,7 +162,7 @@ class Trainer:
                                log_with=None if t.report_to == "none" else t.report_to,
                                kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.process_timeout_s))])
         _check_world(self.acc.num_processes)
-        keep_models_whole()
+        keep_models_whole()          # accelerate registers DeepSpeed's config once, when the Accelerator is made
         set_seed(t.seed, device_specific=True)
         self.method = cfg.method
         runs.check_output_dir(self.out)
@@ -226,7 +226,6 @@ class Trainer:
         if deepspeed and not self.zero_stage:
             raise ConfigError("DeepSpeed without ZeRO (zero_stage 0) is plain data parallelism: use "
                               "configs/accelerate/multi_gpu.yaml, or set zero_stage 1, 2 or 3")
-        keep_models_whole()
         self.sharded = self.check_sharding()
         self.engine = ("fsdp2" if self.sharded else f"deepspeed-zero{self.zero_stage}" if self.zero_stage
                        else "ddp")

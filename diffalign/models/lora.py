@@ -7,7 +7,6 @@ Resuming loads the weights back into the SAME adapter ("default"), never a secon
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,13 +21,12 @@ ADAPTER = "default"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
-def add_lora(denoiser: torch.nn.Module, cfg: LoraConfig,
-             default_targets: Sequence[str] = UNET_LORA_TARGETS) -> list[torch.nn.Parameter]:
-    """Inject adapters into the denoiser (into ``cfg.target_modules``, else ``default_targets``: the family's
-    ``lora_targets``); returns the trainable parameters (kept in fp32)."""
+def add_lora(denoiser: torch.nn.Module, cfg: LoraConfig) -> list[torch.nn.Parameter]:
+    """Inject adapters into the denoiser's ``cfg.target_modules`` (unset: the UNet's attention projections; the
+    trainer first sets it to the family's ``lora_targets``); returns the trainable parameters (kept in fp32)."""
     from peft import LoraConfig as PeftLoraConfig
 
-    targets = cfg.target_modules if cfg.target_modules is not None else default_targets
+    targets = cfg.target_modules if cfg.target_modules is not None else UNET_LORA_TARGETS
     peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
                               init_lora_weights=True if cfg.init == "default" else cfg.init,
                               target_modules=list(targets))
