@@ -22,6 +22,9 @@ import time
 import warnings
 
 PROCESS_START = time.perf_counter()
+# the prompts both trl benchmarks train on, on both sides
+PROMPTS = ["a red circle", "a red square", "a green circle", "a green square",
+           "a blue circle", "a blue square", "a yellow circle", "a yellow square"]
 
 
 def jpeg_compressibility(images, prompts, metadata):

@@ -31,10 +31,7 @@ from pathlib import Path
 PROCESS_START = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _ddpo_trl_child import child_env, run_child  # noqa: E402  (shared with bench_grpo_trl.py; no trl import)
-
-PROMPTS = ["a red circle", "a red square", "a green circle", "a green square",
-           "a blue circle", "a blue square", "a yellow circle", "a yellow square"]
+from _ddpo_trl_child import PROMPTS, child_env, run_child  # noqa: E402  (shared with bench_grpo_trl.py; no trl import)
 
 
 def run_diffalign(args: argparse.Namespace) -> dict:

@@ -56,12 +56,7 @@ from pathlib import Path
 PROCESS_START = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _ddpo_trl_child import PhaseTimer, child_env, run_child  # noqa: E402  (the same phase timer on both sides; no trl import at top)
-
-PROMPTS = ["a red circle", "a red square", "a green circle", "a green square",
-           "a blue circle", "a blue square", "a yellow circle", "a yellow square"]
-
-
+from _ddpo_trl_child import PROMPTS, PhaseTimer, child_env, run_child  # noqa: E402  (the same phase timer on both sides; no trl import at top)
 
 
 def run_diffalign(args: argparse.Namespace) -> dict:
