@@ -569,6 +569,18 @@ class Report:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _commit() -> str:
+    """The checkout's commit: $DIFFALIGN_COMMIT (a copy without .git, such as a GPU machine's), else git's."""
+    if os.environ.get("DIFFALIGN_COMMIT"):
+        return os.environ["DIFFALIGN_COMMIT"]
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown commit"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for the dry run")
@@ -610,8 +622,6 @@ def main() -> None:
 
     import torch
 
-    import diffalign
-
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --device cpu --tiny for the dry run")
     torch.backends.cuda.matmul.allow_tf32 = False       # the diffusers example's default (--allow_tf32 off)
@@ -619,10 +629,11 @@ def main() -> None:
     import accelerate
     import diffusers
     import peft
+    import transformers
 
     report.emit(f"device {device_name}; bf16 dense peak {peak if peak else 'unknown'} TFLOP/s; torch "
                 f"{torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, accelerate "
-                f"{accelerate.__version__}, diffalign {getattr(diffalign, '__version__', '?')}")
+                f"{accelerate.__version__}, transformers {transformers.__version__}, diffalign {_commit()}")
     report.emit(f"{'tiny' if args.tiny else 'full-size'} random weights, batch {args.batch}, LoRA rank {args.rank}, "
                 f"bf16 autocast, AlignProp {args.alignprop_steps} DDIM steps (CFG 7.5, K=1), "
                 f"{args.warmup} warm-up + up to {args.steps} timed steps per case")

@@ -5,8 +5,10 @@
 #   bash scripts/bench_gpu.sh                 # BUDGET_S=420 by default; the hard limit is BUDGET_S + 60 s
 #   BUDGET_S=300 PYTHON=.venv/bin/python bash scripts/bench_gpu.sh --cases sdxl-dpo-ckpt,diffusers-sdxl-dpo-ckpt
 #
-# Needs a CUDA machine with torch; nothing is downloaded by the benchmark itself. If diffalign or its dependencies
-# do not import, `pip install -e .` is tried once (short timeout; it needs a package index). The table goes to
+# Needs a CUDA machine with torch; nothing is downloaded by the benchmark itself. diffalign is imported from this
+# checkout. If its dependencies do not import, the wheels in .whl/ (fetched beforehand by scripts/gpu_wheels.sh, on
+# a machine with a package index) are installed into a temporary folder; without .whl/, `pip install -e .` is
+# tried once (short timeout; it needs a package index). The table goes to
 # stdout and to $OUT/bench_gpu/table.md (or ./bench_gpu_out/table.md when OUT is unset).
 set -u
 cd "$(dirname "$0")/.."
@@ -36,18 +38,27 @@ except Exception:
     pass
 PY
 CHECK='import torch, diffusers, peft, accelerate, transformers, open_clip, diffalign'
+# diffalign itself is imported from this checkout; no install is needed for it
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PYTHON" -c "$CHECK" 2>/dev/null; then
-  echo "some imports fail: trying 'pip install -e .' (timeout 240 s)"
-  if "$PYTHON" -c 'import torch, diffusers, peft, accelerate, transformers, open_clip' 2>/dev/null; then
-    timeout 240 "$PYTHON" -m pip install -q --no-deps -e . || echo "pip install --no-deps -e . failed"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    # wheels fetched beforehand by scripts/gpu_wheels.sh (a GPU image without a package index)
+    SITE="${TMPDIR:-/tmp}/diffalign-site"
+    echo "some imports fail: installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into $SITE"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+      || echo "installing the wheels from .whl/ failed"
+    export PYTHONPATH="$SITE:$PYTHONPATH"
   else
+    echo "some imports fail and there is no .whl/ (scripts/gpu_wheels.sh): trying 'pip install' (timeout 240 s)"
     timeout 240 "$PYTHON" -m pip install -q -e . || echo "pip install -e . failed (no package index reachable?)"
   fi
   if ! "$PYTHON" -c "$CHECK"; then
     echo "ERROR: cannot import torch/diffusers/peft/accelerate/transformers/open_clip/diffalign with $PYTHON;"
-    echo "       install the project (pip install -e .) or set PYTHON to an interpreter that has them."
+    echo "       fetch the missing wheels with scripts/gpu_wheels.sh on a machine with a package index, carry .whl/,"
+    echo "       or set PYTHON to an interpreter that has them."
     exit 2
   fi
+  "$PYTHON" -c 'import diffusers, peft, transformers, open_clip; [print(f"  now {m.__name__:12s} {m.__version__}") for m in (diffusers, peft, transformers, open_clip)]'
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 timeout -k 10 "$HARD_S" "$PYTHON" scripts/bench_gpu.py --budget-s "$BUDGET_S" --out "$DEST" "$@" \
