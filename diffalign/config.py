@@ -117,6 +117,9 @@ class LoraConfig:
                                       "stays the base model (adapters disabled)")
 
 
+COMPILE_KEYS = ("backend", "mode", "fullgraph", "dynamic", "options")   # torch.compile's, less the model
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = opt(1, "pairs (or prompts) per process per micro-step", ge=1)
@@ -136,6 +139,11 @@ class TrainConfig:
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null disables clipping", gt=0)
     mixed_precision: str = opt("no", "autocast precision; frozen weights are stored in it", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute denoiser activations in backward")
+    compile: bool = opt(False, "torch.compile each of the denoiser's repeated blocks (regional compilation: the "
+                               "transformer blocks; one compile per distinct block shape, so the first steps take "
+                               "longer); one process or DDP only, refused with FSDP2 and DeepSpeed")
+    compile_options: dict = opt({}, "keyword arguments for torch.compile: backend, mode, fullgraph, dynamic, "
+                                    "options (e.g. {mode: max-autotune-no-cudagraphs})")
     timestep_sampling: str = opt("uniform", "training timesteps: uniform, or for flow-matching models the "
                                             "logit-normal(0, 1) or 'mode' draws SD3 was trained with",
                                  ("uniform", "logit_normal", "mode"))
@@ -157,6 +165,12 @@ class TrainConfig:
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                       for b in betas):
             raise ConfigError(f"`train.adam_betas` = {betas!r} must be two numbers in [0, 1)")
+        unknown = sorted(set(self.compile_options) - set(COMPILE_KEYS))
+        if unknown:
+            raise ConfigError(f"`train.compile_options` has unknown key(s) {', '.join(unknown)}; torch.compile "
+                              f"takes {', '.join(COMPILE_KEYS)}")
+        if self.compile_options and not self.compile:
+            raise ConfigError("`train.compile_options` is set but `train.compile` is false")
 
 
 SCHEDULERS = ("ddim", "pipeline", "ddpm", "euler", "euler_ancestral", "dpmpp_2m", "unipc", "pndm")

@@ -219,7 +219,8 @@ class Trainer:
                 p.copy_(broadcast(p.detach().clone()))
 
     def prepare_engine(self) -> None:
-        """Wrap the denoiser and optimizer for the launch (DDP, FSDP2 or a DeepSpeed engine) and record which."""
+        """Wrap the denoiser and optimizer for the launch (DDP, FSDP2 or a DeepSpeed engine) and record which; compile
+        the denoiser's blocks when asked."""
         deepspeed = self.configure_deepspeed()
         self.model.denoiser, self.optimizer = self.acc.prepare(self.model.denoiser, self.optimizer)
         self.zero_stage = zero.stage(self.model.denoiser) if deepspeed else 0
@@ -230,6 +231,18 @@ class Trainer:
         self.engine = ("fsdp2" if self.sharded else f"deepspeed-zero{self.zero_stage}" if self.zero_stage
                        else "ddp")
         self.params = [p for p in self.model.denoiser.parameters() if p.requires_grad]   # FSDP2 made new ones
+        if self.cfg.train.compile:
+            self.compile_denoiser()
+
+    def compile_denoiser(self) -> None:
+        """Regional torch.compile of the denoiser's repeated blocks (train.compile), under one process or DDP."""
+        if self.engine != "ddp":
+            raise ConfigError(f"train.compile is supported with one process or DDP; this launch uses {self.engine} "
+                              "(compiling through its parameter hooks has not been tested): set train.compile=false")
+        options = self.cfg.train.compile_options
+        count = self.model.compile_blocks(**options)
+        log.info("torch.compile of %d denoiser blocks (%s); the first steps compile", count,
+                 ", ".join(f"{k}={v}" for k, v in options.items()) or "default options")
 
     def check_sharding(self) -> bool:
         """Whether the denoiser is sharded over the processes by FSDP2. FSDP1 (flat parameters) is refused before

@@ -92,6 +92,7 @@ class Case:
     method: str            # dpo | mapo | alignprop | diffusers-dpo
     ckpt: bool             # gradient checkpointing
     data: str = "cached"   # cached | uncached | precomputed | prompts
+    compile: bool = False  # train.compile (regional torch.compile of the UNet's transformer blocks)
     result: dict = field(default_factory=dict)
 
 
@@ -108,7 +109,9 @@ def all_cases() -> list[Case]:
         cases += [Case(f"{fam}-mapo-ckpt", fam, "mapo", True), Case(f"{fam}-mapo", fam, "mapo", False),
                   Case(f"{fam}-alignprop-ckpt", fam, "alignprop", True, "prompts"),
                   Case(f"{fam}-alignprop", fam, "alignprop", False, "prompts")]
-    return [c for c in cases if not (c.family == "sd15" and c.method == "diffusers-dpo")]  # the SDXL script only
+    cases = [c for c in cases if not (c.family == "sd15" and c.method == "diffusers-dpo")]  # the SDXL script only
+    # last, so a slow compile cannot cost the rows above their time: whether train.compile pays off on this GPU
+    return [*cases, Case("sdxl-dpo-ckpt-compile", "sdxl", "dpo", True, compile=True)]
 
 
 # ------------------------------------------------------------------------------------------------ components
@@ -263,6 +266,8 @@ class DiffalignStep:
                      "train.lr_scheduler=constant", f"method.name={case.method}", "train.checkpoint_every=0"]
         if case.data == "precomputed":
             overrides.append("method.reference=precomputed")
+        if case.compile:
+            overrides.append("train.compile=true")
         if case.method == "alignprop":
             reward = {"name": "aesthetic", "mlp_checkpoint": None,
                       "model_config": CLIP_TINY if args.tiny else CLIP_L14}
@@ -422,9 +427,11 @@ def measure(runner: Any, args: argparse.Namespace, res: dict, deadline: float) -
     """Warm-up steps, one FLOP-counted step, then timed steps until args.steps or the deadline (results in res)."""
     import torch
 
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         runner.step()
     sync(args.device)
+    res["warmup_s"] = time.perf_counter() - t0             # includes torch.compile's compiling, if any
     if args.flops:
         res["flops"] = count_flops(runner.step)
         sync(args.device)
@@ -525,7 +532,8 @@ def row(case: Case, peak: float | None) -> str:
     else:
         cells += ["-", "-", "-"]
     leak = f"{r['left_gib']:.2f} GiB still allocated after the case" if r.get("left_gib", 0) > 0.05 else None
-    cells.append("; ".join(x for x in (r.get("error"), r.get("note"), leak) if x) or "")
+    compiled = f"train.compile; warm-up {r['warmup_s']:.0f} s" if case.compile and "warmup_s" in r else None
+    cells.append("; ".join(x for x in (r.get("error"), r.get("note"), compiled, leak) if x) or "")
     return "| " + " | ".join(cells) + " |"
 
 
@@ -563,6 +571,10 @@ class Report:
             fits = "fits" if dpo["peak_gib"] * 2**30 < 24e9 else "does NOT fit"
             self.emit(f"sdxl DPO LoRA ckpt {dpo['peak_gib']:.2f} GiB peak allocated: {fits} in 24 GB "
                       "(allocator reserve and CUDA context come on top)")
+        compiled = done.get("sdxl-dpo-ckpt-compile", {})
+        if compiled.get("rate") and dpo.get("rate"):
+            self.emit(f"sdxl DPO (ckpt) with train.compile / without = {compiled['rate'] / dpo['rate']:.2f}x, after "
+                      f"{compiled.get('warmup_s', 0):.0f} s of warm-up steps (compiling)")
         best = max((r.get("tflops_per_s", 0) for n, r in done.items() if n.startswith("sdxl-dpo")), default=0)
         if best and peak:
             self.emit(f"best SDXL DPO step: {100 * best / peak:.1f}% of bf16 dense peak (target >= 40%)")

@@ -36,6 +36,21 @@ def toy_pairs(tmp_path_factory):
     return write_toy_pairs(tmp_path_factory.mktemp("toy_pairs"), num_pairs=8, size=64)
 
 
+def in_this_process(args: list[str]) -> None:
+    """``diffalign <args>`` as one process, run here: what a one-process launch does, without its process start
+    (about 6 s of imports); one intra-op thread, as torchrun sets for the processes it is compared with."""
+    import torch
+
+    from diffalign import cli
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def poison_loss(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
     """Make Diffusion-DPO's loss non-finite on its `at_call`-th call (1-based), to exercise the NaN guard."""
     from diffalign.methods.dpo import DiffusionDPO
@@ -49,3 +64,27 @@ def poison_loss(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
         return (loss * float("nan"), metrics) if calls["n"] == at_call else (loss, metrics)
 
     monkeypatch.setattr(DiffusionDPO, "loss", poisoned)
+
+
+@pytest.fixture
+def compile_graphs():
+    """A torch.compile backend named "diffalign_recording" (a string, so a config can name it): AOT autograd's
+    eager backend, the graphs inductor would get, without code generation; yields the list of the graphs it
+    compiled during the test. dynamo's caches are reset before and after."""
+    import torch
+    from torch._dynamo.backends.registry import list_backends, lookup_backend, register_backend
+
+    graphs: list = []
+    _RECORDED[:] = [graphs]
+    if "diffalign_recording" not in list_backends(exclude_tags=()):
+        @register_backend(name="diffalign_recording")
+        def _recording(gm, example_inputs):
+            _RECORDED[0].append(gm)
+            return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    yield graphs
+    torch._dynamo.reset()
+
+
+_RECORDED: list = [[]]      # the running test's graph list (the backend is registered once per session)

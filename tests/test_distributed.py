@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import in_this_process
 from safetensors.torch import load_file
 
 FULL = ["lora.enabled=false", "train.lr=1e-4"]
@@ -42,12 +43,16 @@ def lora_of(out):
 
 
 def _train(processes, batch_size, out, pipeline, toy, method):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "diffalign.cli",
-           "train", "configs/tiny_dpo_sd15.yaml", f"model.pretrained={pipeline}", f"data.path={toy}",
-           f"output_dir={out}", f"train.batch_size={batch_size}", *SETTINGS, *method]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}     # torchrun's setting, in both runs: the same float reductions
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    args = ["train", "configs/tiny_dpo_sd15.yaml", f"model.pretrained={pipeline}", f"data.path={toy}",
+            f"output_dir={out}", f"train.batch_size={batch_size}", *SETTINGS, *method]
+    if processes == 1:
+        in_this_process(args)
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m",
+               "diffalign.cli", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}    # torchrun's setting: the same float reductions as above
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
     lora = out / "final" / "pytorch_lora_weights.safetensors"
     return load_file(lora) if lora.is_file() else None
 
@@ -86,8 +91,12 @@ def alignprop_train(processes, batch_size, out, pipeline, *extra, launcher=None,
 
 
 def alignprop_reference(tmp_path_factory, pipeline):
-    return one_process(("alignprop", str(pipeline)),
-                       lambda: alignprop_train(1, 2, tmp_path_factory.mktemp("one") / "run", pipeline))
+    def train():
+        out = tmp_path_factory.mktemp("one") / "run"
+        in_this_process(["train", "configs/tiny_alignprop_sd15.yaml", f"model.pretrained={pipeline}",
+                         f"output_dir={out}", "train.batch_size=2", *ALIGNPROP])
+        return load_file(out / "final" / "pytorch_lora_weights.safetensors")
+    return one_process(("alignprop", str(pipeline)), train)
 
 
 def test_alignprop_on_two_processes_trains_like_one(tiny_pipelines, tmp_path, tmp_path_factory):

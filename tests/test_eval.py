@@ -7,6 +7,7 @@ import html5lib
 import numpy as np
 import pytest
 import torch
+from conftest import in_this_process
 from PIL import Image
 
 from diffalign import cli
@@ -325,8 +326,7 @@ def test_two_processes_share_the_sampling_and_make_the_same_images(tiny_pipeline
                            "eval.batch_size=2")
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}      # as torchrun sets it: same float reductions in both runs
-    single = [sys.executable, "-m", "diffalign.cli", "sample", "configs/tiny_dpo_sd15.yaml", *args(tmp_path / "one")]
-    assert subprocess.run(single, capture_output=True, env=env, timeout=240).returncode == 0
+    in_this_process(["sample", "configs/tiny_dpo_sd15.yaml", *args(tmp_path / "one")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign.cli", "eval",
            "configs/tiny_dpo_sd15.yaml", *args(tmp_path / "two")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)

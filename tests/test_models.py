@@ -157,3 +157,38 @@ def test_a_force_upcast_vae_is_not_loaded_in_float16(tiny_pipelines, caplog):
     with caplog.at_level(logging.WARNING, logger="diffalign"):
         loaded = load_model(ModelConfig(pretrained=str(tiny_pipelines["sdxl"]), vae_dtype="float16"), denoiser=False)
     assert loaded.vae.dtype == torch.float32 and loaded.denoiser is None and "force_upcast" in caplog.text
+
+
+def test_every_family_names_the_repeated_blocks_it_has(model):
+    """train.compile compiles the family's ``repeated_blocks``; each named class is in the family's network."""
+    present = {type(m).__name__ for m in model.denoiser.modules()}
+    assert set(model.repeated_blocks) <= present
+
+
+def test_compiled_blocks_give_the_eager_output_and_lora_gradient(tiny_pipelines, compile_graphs):
+    """Regional compilation (train.compile) on FLUX's two block classes: dynamo captures them and the prediction
+    and LoRA gradient equal eager's. The UNet's blocks go through the trainer in tests/test_train.py."""
+    model = load_model(ModelConfig(pretrained=str(tiny_pipelines["flux"])))
+    params = add_lora(model.denoiser, LoraConfig(rank=4))
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    x0, cond = _batch(model)
+    t = torch.tensor([0.3, 0.5, 0.7, 0.9])
+
+    def run():
+        out = model.predict(x0, t, cond)
+        out.square().mean().backward()
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out.detach(), grads
+
+    eager_out, eager_grads = run()
+    blocks = model.compile_blocks(backend="diffalign_recording")
+    assert blocks == sum(type(m).__name__ in model.repeated_blocks for m in model.denoiser.modules())
+    out, grads = run()
+    assert compile_graphs, "no block went through torch.compile"
+    torch.testing.assert_close(out, eager_out)
+    for g, e in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(g, e)

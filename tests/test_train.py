@@ -8,7 +8,7 @@ from conftest import poison_loss
 from safetensors.torch import load_file
 
 from diffalign import cli
-from diffalign.config import load_config
+from diffalign.config import ConfigError, load_config
 from diffalign.data.toy import write_toy_pairs
 from diffalign.models.base import unwrap
 from diffalign.trainer import Trainer
@@ -155,6 +155,26 @@ def test_fused_adamw_skips_a_non_finite_step_on_the_device_and_the_guard_stops_o
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
     assert not (out / "final").exists()
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_compiled_denoiser_blocks_train_as_the_eager_ones(tiny_pipelines, toy, tmp_path, compile_graphs):
+    """train.compile: the UNet's transformer blocks go through torch.compile (the options reach it: here a
+    backend that records its graphs and runs them as AOT autograd's eager backend) under LoRA, gradient
+    checkpointing and DPO's adapters-off reference; two steps give the eager run's weights."""
+    def train(name, *extra):
+        cfg = load_config(None, overrides(tiny_pipelines, toy, tmp_path / name, "sdxl", "train.max_steps=2",
+                                          "train.gradient_checkpointing=true", "train.checkpoint_every=0", *extra))
+        return load_file(Trainer(cfg).fit() / "pytorch_lora_weights.safetensors")
+
+    eager = train("eager")
+    assert not compile_graphs
+    compiled = train("compiled", "train.compile=true", "train.compile_options={backend: diffalign_recording}")
+    assert compile_graphs, "no block went through torch.compile"
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="unknown key.*modes.*backend, mode"):
+        load_config(None, ["train.compile=true", "train.compile_options={modes: max-autotune}"])
 
 
 def test_full_fine_tuning_uses_a_frozen_reference_copy(tiny_pipelines, toy, tmp_path):

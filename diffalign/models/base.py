@@ -27,6 +27,8 @@ for the flow-matching families) is called. The contract:
                       save_lora_file(directory, layers, metadata) through the pipeline's save_lora_weights
     lora_targets      the modules LoRA adapts when lora.target_modules is not set (the attention projections;
                       on joint-attention transformers those of the text stream too)
+    compile_blocks    torch.compile each of the denoiser's repeated blocks (``repeated_blocks``: the class
+                      names, as diffusers' ``_repeated_blocks``), in the reference copy too
 
 Adding to this list is an API change.
 """
@@ -122,6 +124,7 @@ class DiffusionModel:
     lora_prefix: ClassVar[str] = "unet"                             # start with this prefix
     lora_targets: ClassVar[tuple[str, ...]] = UNET_LORA_TARGETS
     distilled_guidance: ClassVar[bool] = False   # guidance is a network input (FLUX.1-dev), not classifier-free
+    repeated_blocks: ClassVar[tuple[str, ...]] = ("BasicTransformerBlock",)   # compiled once per shape
 
     def __init__(self, denoiser: torch.nn.Module | None, vae: torch.nn.Module, text_encoders: list, tokenizers: list,
                  schedule: VPSchedule | FlowSchedule, source: str = "") -> None:
@@ -244,6 +247,22 @@ class DiffusionModel:
         evaluation still works, more slowly): their accelerator memory goes to the denoiser."""
         for module in (self.vae, *self.text_encoders):
             module.to("cpu")
+
+    def compile_blocks(self, **options: Any) -> int:
+        """Regional compilation: ``torch.compile(**options)`` of every ``repeated_blocks`` module of the denoiser
+        and of its frozen copy, in place (parameter names and the saved files do not change). torch >= 2.5 inlines
+        the modules, so blocks of one class and shape share their compiled code: a UNet compiles a few graphs, not
+        one per block. Returns how many blocks; none found is an error (a network with other block classes)."""
+        count = 0
+        for network in (self.denoiser, self.ref_denoiser):
+            for module in (network.modules() if network is not None else ()):
+                if type(module).__name__ in self.repeated_blocks:
+                    module.compile(**options)
+                    count += 1
+        if not count:
+            raise ValueError(f"{type(unwrap(self.denoiser)).__name__} has no {' or '.join(self.repeated_blocks)} "
+                             "blocks to compile")
+        return count
 
     # ------------------------------------------------------------------------------- denoiser
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:

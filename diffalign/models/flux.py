@@ -51,6 +51,7 @@ class FluxModel(DiffusionModel):
     denoiser_folder = "transformer"
     lora_prefix = "transformer"
     lora_targets = JOINT_LORA_TARGETS
+    repeated_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     distilled_guidance = True
     max_sequence_length = 512           # FluxPipeline's default (FLUX.1-schnell allows at most 256)
 

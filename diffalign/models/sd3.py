@@ -25,6 +25,7 @@ class SD3Model(DiffusionModel):
     denoiser_folder = "transformer"
     lora_prefix = "transformer"
     lora_targets = JOINT_LORA_TARGETS
+    repeated_blocks = ("JointTransformerBlock",)
     max_sequence_length = 256            # the pipeline's default for T5 tokens
 
     @classmethod
