@@ -39,6 +39,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA unless train.fused_adamw says otherwise) or Adafactor. Under DeepSpeed's optimizer
+    offload, accelerate turns torch's AdamW into DeepSpeed's CPU Adam in AdamW mode; any other class would become
+    Adam with L2 decay there, so this stays torch's."""
     t = cfg.train
     if t.optimizer == "adafactor":
         from transformers.optimization import Adafactor

@@ -152,6 +152,38 @@ def test_zero2_stops_on_a_non_finite_step_without_writing_it(tiny_pipelines, toy
     assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists() and not (out / "final").exists()
 
 
+OFFLOAD = {"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
+
+
+@pytest.mark.slow
+def test_zero2_cpu_offload_full_fine_tuning_resumes_and_matches_one_process(tiny_pipelines, toy, tmp_path,
+                                                                            tmp_path_factory):
+    """ZeRO-Offload (offload_optimizer_device: cpu): accelerate swaps AdamW for DeepSpeed's CPU Adam (the same
+    update), whose state the checkpoint gathers and resume sets back. Slow: the first run builds the CPU Adam
+    kernel (about 40 s on 2 cores), so it runs with `pytest -m slow`, not in the default suite."""
+    one = reference(tmp_path_factory, tiny_pipelines["sd15"], toy, FULL)
+    out = tmp_path / "offload"
+    _dpo(2, out, tiny_pipelines["sd15"], toy, *FULL, "train.max_steps=2", "train.checkpoint_every=2", env=OFFLOAD)
+    log = _dpo(2, out, tiny_pipelines["sd15"], toy, *FULL, "train.resume=latest", env=OFFLOAD).stderr
+    assert "resumed from" in log and "at step 2" in log
+    name = "final/unet/diffusion_pytorch_model.safetensors"
+    alone, joined = load_file(one / name), load_file(out / name)
+    start = load_file(tiny_pipelines["sd15"] / "unet" / "diffusion_pytorch_model.safetensors")
+    moved = sum((alone[k] - start[k]).square().sum() for k in alone).sqrt()
+    gap = sum((alone[k] - joined[k]).square().sum() for k in alone).sqrt()
+    assert moved > 0 and gap < 2e-2 * moved          # measured 6.6e-3, as without offload
+
+
+@pytest.mark.slow
+def test_zero3_with_optimizer_and_parameter_offload_trains_lora_like_one_process(tiny_pipelines, toy, tmp_path,
+                                                                                 tmp_path_factory):
+    alone = lora_of(reference(tmp_path_factory, tiny_pipelines["sd15"], toy, ["method.name=dpo"]))
+    out = tmp_path / "offload3"
+    _dpo(3, out, tiny_pipelines["sd15"], toy, env=OFFLOAD | {"ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"})
+    joined = load_file(out / "final" / "pytorch_lora_weights.safetensors")
+    assert _relative_gap(alone, joined, [k for k in alone if "lora_B" in k]) < 1e-2     # measured 7.2e-5
+
+
 def test_deepspeed_settings_that_contradict_the_run_are_refused():
     """The engine is configured from the run's settings; an accelerate config that says otherwise is refused
     (the real plugin, as `accelerate launch` builds it; only the Accelerator around it is a stand-in)."""
