@@ -139,6 +139,9 @@ class TrainConfig:
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null disables clipping", gt=0)
     mixed_precision: str = opt("no", "autocast precision; frozen weights are stored in it", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute denoiser activations in backward")
+    channels_last: bool = opt(False, "store the denoiser's convolution weights channels-last (NHWC), the layout "
+                                     "cuDNN's bf16 convolutions prefer (the activations follow); one process or "
+                                     "DDP only")
     compile: bool = opt(False, "torch.compile each of the denoiser's repeated blocks (regional compilation: the "
                                "transformer blocks; one compile per distinct block shape, so the first steps take "
                                "longer); one process or DDP only, refused with FSDP2 and DeepSpeed")

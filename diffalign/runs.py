@@ -38,7 +38,7 @@ APPLIED = ("train.lr", "train.max_steps", "train.lr_scheduler", "train.warmup_st
            "train.adam_betas", "train.adam_eps", "train.max_grad_norm")
 SCHEDULE = ("train.lr", "train.max_steps", "train.lr_scheduler", "train.warmup_steps")
 SILENT = ("name", "output_dir", "train.resume", "train.overwrite", "train.checkpoint_every", "train.keep_last",
-          "train.log_every", "train.report_to", "train.gradient_checkpointing", "train.compile",
+          "train.log_every", "train.report_to", "train.gradient_checkpointing", "train.channels_last", "train.compile",
           "train.compile_options", "train.process_timeout_s",
           "data.num_workers", "data.reference_epochs", "lora.init",
           "lora.init_from",

@@ -222,8 +222,9 @@ class Trainer:
                 p.copy_(broadcast(p.detach().clone()))
 
     def prepare_engine(self) -> None:
-        """Wrap the denoiser and optimizer for the launch (DDP, FSDP2 or a DeepSpeed engine) and record which; compile
-        the denoiser's blocks when asked."""
+        """Set the denoiser's layout and compilation when asked, then wrap it and the optimizer for the launch
+        (DDP, FSDP2 or a DeepSpeed engine) and record which."""
+        self.tune_denoiser()
         deepspeed = self.configure_deepspeed()
         self.model.denoiser, self.optimizer = self.acc.prepare(self.model.denoiser, self.optimizer)
         self.zero_stage = zero.stage(self.model.denoiser) if deepspeed else 0
@@ -234,18 +235,28 @@ class Trainer:
         self.engine = ("fsdp2" if self.sharded else f"deepspeed-zero{self.zero_stage}" if self.zero_stage
                        else "ddp")
         self.params = [p for p in self.model.denoiser.parameters() if p.requires_grad]   # FSDP2 made new ones
-        if self.cfg.train.compile:
-            self.compile_denoiser()
 
-    def compile_denoiser(self) -> None:
-        """Regional torch.compile of the denoiser's repeated blocks (train.compile), under one process or DDP."""
-        if self.engine != "ddp":
-            raise ConfigError(f"train.compile is supported with one process or DDP; this launch uses {self.engine} "
-                              "(compiling through its parameter hooks has not been tested): set train.compile=false")
-        options = self.cfg.train.compile_options
-        count = self.model.compile_blocks(**options)
-        log.info("torch.compile of %d denoiser blocks (%s); the first steps compile", count,
-                 ", ".join(f"{k}={v}" for k, v in options.items()) or "default options")
+    def tune_denoiser(self) -> None:
+        """train.channels_last (convolution weights stored NHWC, so the activations follow) and train.compile
+        (regional torch.compile of the repeated blocks), before DDP wraps the denoiser. FSDP2 and DeepSpeed are
+        refused: their parameter handling has not been run with either."""
+        from accelerate.utils import DistributedType
+
+        t = self.cfg.train
+        asked = [name for name, on in (("train.channels_last", t.channels_last), ("train.compile", t.compile)) if on]
+        if not asked:
+            return
+        if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ConfigError(f"{' and '.join(asked)} are supported with one process or DDP, not with "
+                              f"{self.acc.distributed_type.value} (not tested there): set them to false")
+        if t.channels_last:
+            for network in (self.model.denoiser, self.model.ref_denoiser):
+                if network is not None:
+                    network.to(memory_format=torch.channels_last)
+        if t.compile:
+            count = self.model.compile_blocks(**t.compile_options)
+            log.info("torch.compile of %d denoiser blocks (%s); the first steps compile", count,
+                     ", ".join(f"{k}={v}" for k, v in t.compile_options.items()) or "default options")
 
     def check_sharding(self) -> bool:
         """Whether the denoiser is sharded over the processes by FSDP2. FSDP1 (flat parameters) is refused before

@@ -93,6 +93,7 @@ class Case:
     ckpt: bool             # gradient checkpointing
     data: str = "cached"   # cached | uncached | precomputed | prompts
     compile: bool = False  # train.compile (regional torch.compile of the UNet's transformer blocks)
+    channels_last: bool = False   # train.channels_last (NHWC convolution weights)
     result: dict = field(default_factory=dict)
 
 
@@ -110,8 +111,9 @@ def all_cases() -> list[Case]:
                   Case(f"{fam}-alignprop-ckpt", fam, "alignprop", True, "prompts"),
                   Case(f"{fam}-alignprop", fam, "alignprop", False, "prompts")]
     cases = [c for c in cases if not (c.family == "sd15" and c.method == "diffusers-dpo")]  # the SDXL script only
-    # last, so a slow compile cannot cost the rows above their time: whether train.compile pays off on this GPU
-    return [*cases, Case("sdxl-dpo-ckpt-compile", "sdxl", "dpo", True, compile=True)]
+    # last, so they cannot cost the rows above their time (compiling is slow): whether the two options pay off
+    return [*cases, Case("sdxl-dpo-ckpt-channels-last", "sdxl", "dpo", True, channels_last=True),
+            Case("sdxl-dpo-ckpt-compile", "sdxl", "dpo", True, compile=True)]
 
 
 # ------------------------------------------------------------------------------------------------ components
@@ -268,6 +270,8 @@ class DiffalignStep:
             overrides.append("method.reference=precomputed")
         if case.compile:
             overrides.append("train.compile=true")
+        if case.channels_last:
+            overrides.append("train.channels_last=true")
         if case.method == "alignprop":
             reward = {"name": "aesthetic", "mlp_checkpoint": None,
                       "model_config": CLIP_TINY if args.tiny else CLIP_L14}
@@ -571,6 +575,9 @@ class Report:
             fits = "fits" if dpo["peak_gib"] * 2**30 < 24e9 else "does NOT fit"
             self.emit(f"sdxl DPO LoRA ckpt {dpo['peak_gib']:.2f} GiB peak allocated: {fits} in 24 GB "
                       "(allocator reserve and CUDA context come on top)")
+        nhwc = done.get("sdxl-dpo-ckpt-channels-last", {})
+        if nhwc.get("rate") and dpo.get("rate"):
+            self.emit(f"sdxl DPO (ckpt) with train.channels_last / without = {nhwc['rate'] / dpo['rate']:.2f}x")
         compiled = done.get("sdxl-dpo-ckpt-compile", {})
         if compiled.get("rate") and dpo.get("rate"):
             self.emit(f"sdxl DPO (ckpt) with train.compile / without = {compiled['rate'] / dpo['rate']:.2f}x, after "
