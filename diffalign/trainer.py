@@ -247,8 +247,9 @@ class Trainer:
         if not asked:
             return
         if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise ConfigError(f"{' and '.join(asked)} are supported with one process or DDP, not with "
-                              f"{self.acc.distributed_type.value} (not tested there): set them to false")
+            raise ConfigError(f"{' and '.join(asked)} {'are' if len(asked) > 1 else 'is'} supported with one "
+                              f"process or DDP, not with {self.acc.distributed_type.value} (not tested there): "
+                              f"set {'them' if len(asked) > 1 else 'it'} to false")
         if t.channels_last:
             for network in (self.model.denoiser, self.model.ref_denoiser):
                 if network is not None:

@@ -214,3 +214,8 @@ def test_deepspeed_settings_that_contradict_the_run_are_refused():
     cfg.train.mixed_precision = "fp16"
     with pytest.raises(ConfigError, match="fp16"):
         configure()
+    cfg.train.compile = cfg.train.channels_last = True       # the speed settings: one process or DDP only
+    for engine in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        name = engine.value
+        with pytest.raises(ConfigError, match=f"compile are supported with one process or DDP, not with {name}"):
+            Trainer.tune_denoiser(SimpleNamespace(cfg=cfg, acc=SimpleNamespace(distributed_type=engine)))
