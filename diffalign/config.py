@@ -144,7 +144,7 @@ class TrainConfig:
                                      "DDP only")
     compile: bool = opt(False, "torch.compile each of the denoiser's repeated blocks (regional compilation: the "
                                "transformer blocks; one compile per distinct block shape, so the first steps take "
-                               "longer); one process or DDP only, refused with FSDP2 and DeepSpeed")
+                               "longer); one process, DDP, FSDP2 or ZeRO-1/2, refused with ZeRO-3")
     compile_options: dict = opt({}, "keyword arguments for torch.compile: backend, mode, fullgraph, dynamic, "
                                     "options (e.g. {mode: max-autotune-no-cudagraphs})")
     timestep_sampling: str = opt("uniform", "training timesteps: uniform, or for flow-matching models the "

@@ -214,8 +214,13 @@ def test_deepspeed_settings_that_contradict_the_run_are_refused():
     cfg.train.mixed_precision = "fp16"
     with pytest.raises(ConfigError, match="fp16"):
         configure()
-    cfg.train.compile = cfg.train.channels_last = True       # the speed settings: one process or DDP only
+    cfg.train.channels_last = True                             # one process or DDP only
     for engine in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        name = engine.value
-        with pytest.raises(ConfigError, match=f"compile are supported with one process or DDP, not with {name}"):
+        with pytest.raises(ConfigError, match=f"channels_last is supported with one process or DDP, not with "
+                                              f"{engine.value}"):
             Trainer.tune_denoiser(SimpleNamespace(cfg=cfg, acc=SimpleNamespace(distributed_type=engine)))
+    cfg.train.channels_last, cfg.train.compile = False, True    # compile: not under ZeRO-3
+    acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                          state=SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin(zero_stage=3)))
+    with pytest.raises(ConfigError, match="compile is not supported with DeepSpeed ZeRO-3"):
+        Trainer.tune_denoiser(SimpleNamespace(cfg=cfg, acc=acc))

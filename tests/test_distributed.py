@@ -113,6 +113,7 @@ def test_alignprop_on_two_processes_trains_like_one(tiny_pipelines, tmp_path, tm
 # launcher lifts that one refusal, so accelerate's own FSDP2 preparation (fully_shard per _no_split_modules block)
 # runs over gloo here, as `accelerate launch --config_file configs/accelerate/fsdp2.yaml` sets it up on GPUs.
 FSDP_LAUNCHER = """
+import os
 import sys
 import accelerate
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -125,18 +126,27 @@ def prepare(self, *args, **kwargs):
     return _prepare(self, *args, **kwargs)
 
 accelerate.Accelerator.prepare = prepare
+if os.environ.get("GRAPH_LOG"):                 # a torch.compile backend that notes each graph it compiles
+    from torch._dynamo.backends.registry import lookup_backend, register_backend
+
+    @register_backend(name="counting")
+    def counting(gm, example_inputs):
+        with open(os.environ["GRAPH_LOG"], "a") as log:
+            log.write(os.environ["RANK"] + "\\n")
+        return lookup_backend("aot_eager")(gm, example_inputs)
 from diffalign import cli
 sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def _fsdp_train(out, pipeline, toy, *extra):
+def _fsdp_train(out, pipeline, toy, *extra, env=None):
     launcher = out.parent / "fsdp_launcher.py"
     launcher.write_text(FSDP_LAUNCHER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(launcher), "train",
            "configs/tiny_dpo_sd15.yaml", f"model.pretrained={pipeline}", f"data.path={toy}", f"output_dir={out}",
            "train.batch_size=1", *SETTINGS, *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr
 
@@ -161,6 +171,20 @@ def test_fsdp2_lora_trains_like_one_process_and_evaluates_through_the_shards(tin
     assert _relative_gap(alone, joined, [k for k in alone if "lora_B" in k]) < 1e-2
     # in-training evaluation: every process samples through the shards, the main one writes
     assert sorted(p.name for p in (out / "eval").glob("step-*")) == ["step-000000", "step-000003"]
+
+
+def test_fsdp2_with_compiled_blocks_trains_like_one_process(tiny_pipelines, toy, tmp_path, tmp_path_factory):
+    """train.compile under FSDP2: the blocks are compiled before fully_shard wraps them (torchtitan's order), so
+    the compiled graphs run between FSDP2's gather and reshard hooks."""
+    alone = lora_of(reference(tmp_path_factory, tiny_pipelines["sd15"], toy, ["method.name=dpo"]))
+    out, graphs = tmp_path / "fsdp", tmp_path / "graphs.txt"
+    _fsdp_train(out, tiny_pipelines["sd15"], toy, "train.checkpoint_every=0", "train.compile=true",
+                "train.compile_options={backend: counting}", env={"GRAPH_LOG": str(graphs)})
+    ranks = graphs.read_text().split()
+    assert ranks.count("0") > 0 and ranks.count("1") == ranks.count("0")     # both compiled the same graphs
+    joined = load_file(out / "final" / "pytorch_lora_weights.safetensors")
+    # measured 4.9e-5, the same as uncompiled FSDP2 (aot_eager computes what eager does)
+    assert _relative_gap(alone, joined, [k for k in alone if "lora_B" in k]) < 1e-2
 
 
 def test_fsdp2_full_fine_tuning_resumes_and_matches_one_process(tiny_pipelines, toy, tmp_path, tmp_path_factory):
