@@ -112,6 +112,24 @@ def load_weights(engine: Any, weights: dict[str, torch.Tensor], trainable_only: 
     return missing
 
 
+def _make_adam_state(zero_optimizer: Any, inner: torch.optim.Optimizer, step: torch.Tensor) -> None:
+    """Adam's state for every flat partition, made when no step has run yet (kept where it exists), at ``step``.
+    ZeRO-3 with NVMe optimizer offload keeps a subgroup's fp32 partition and Adam state on disk: it is swapped in
+    to read its size and out again, which also registers the state made here with the swapper (DeepSpeed
+    internals)."""
+    on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
+    on_disk = getattr(zero_optimizer, "_swappable_optimizer_subgroup", lambda i: False)
+    for i, flat in enumerate(_flat_partitions(zero_optimizer)):
+        if on_disk(i):
+            zero_optimizer._optimizer_states_and_gradient_swap_in(i)
+        slot = inner.state[flat]
+        for m in ADAM_MOMENTS:
+            slot.setdefault(m, torch.zeros_like(flat, memory_format=torch.preserve_format))
+        slot["step"] = step.clone().to(flat.device if on_device else "cpu")
+        if on_disk(i):
+            zero_optimizer._optimizer_states_and_gradient_swap_out(i)
+
+
 def load_optimizer_state(engine: Any, state: dict[str, Any]) -> None:
     """Put a :func:`full_optimizer_state` back: the group settings, the step, and each parameter's moments."""
     from deepspeed.utils import safe_set_full_optimizer_state
@@ -121,13 +139,7 @@ def load_optimizer_state(engine: Any, state: dict[str, Any]) -> None:
         group.update({k: v for k, v in saved.items() if k != "params"})
     if not state["state"]:
         return
-    step = next(iter(state["state"].values()))["step"]
-    on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
-    for flat in _flat_partitions(engine.optimizer):      # Adam's state, made here when no step has run yet
-        slot = inner.state[flat]
-        for m in ADAM_MOMENTS:
-            slot.setdefault(m, torch.zeros_like(flat, memory_format=torch.preserve_format))
-        slot["step"] = step.clone().to(flat.device if on_device else "cpu")
+    _make_adam_state(engine.optimizer, inner, next(iter(state["state"].values()))["step"])
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:                                 # stage 1 / 2 point each parameter at its slice of it
         link()

@@ -184,6 +184,33 @@ def test_zero3_with_optimizer_and_parameter_offload_trains_lora_like_one_process
     assert _relative_gap(alone, joined, [k for k in alone if "lora_B" in k]) < 1e-2     # measured 7.2e-5
 
 
+@pytest.mark.slow
+def test_zero3_nvme_offload_full_fine_tuning_resumes_and_matches_one_process(tiny_pipelines, toy, tmp_path,
+                                                                             tmp_path_factory):
+    """ZeRO-Infinity (optimizer and parameters offloaded to NVMe, here a folder): each subgroup's fp32 partition
+    and Adam state live in swap files. Resume makes Adam's state before any step has run, which needs the subgroup
+    swapped in first (without it: "start (0) + length (576) exceeds dimension size (0)"). Slow: DeepSpeed builds
+    its async I/O kernel (needs libaio-dev) and CPU Adam on first use."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        pytest.skip("DeepSpeed's async_io op cannot build here: apt-get install libaio-dev")
+    one = reference(tmp_path_factory, tiny_pipelines["sd15"], toy, FULL)
+    out, swap = tmp_path / "nvme", tmp_path / "swap"
+    nvme = {f"ACCELERATE_DEEPSPEED_OFFLOAD_{part}_{key}": value for part in ("OPTIMIZER", "PARAM")
+            for key, value in (("DEVICE", "nvme"), ("NVME_PATH", str(swap)))}
+    _dpo(3, out, tiny_pipelines["sd15"], toy, *FULL, "train.max_steps=2", "train.checkpoint_every=2", env=nvme)
+    assert any(swap.rglob("*.swp"))                                          # it did swap to the folder
+    log = _dpo(3, out, tiny_pipelines["sd15"], toy, *FULL, "train.resume=latest", env=nvme).stderr
+    assert "resumed from" in log and "at step 2" in log
+    name = "final/unet/diffusion_pytorch_model.safetensors"
+    alone, joined = load_file(one / name), load_file(out / name)
+    start = load_file(tiny_pipelines["sd15"] / "unet" / "diffusion_pytorch_model.safetensors")
+    moved = sum((alone[k] - start[k]).square().sum() for k in alone).sqrt()
+    gap = sum((alone[k] - joined[k]).square().sum() for k in alone).sqrt()
+    assert moved > 0 and gap < 2e-2 * moved
+
+
 def test_deepspeed_settings_that_contradict_the_run_are_refused():
     """The engine is configured from the run's settings; an accelerate config that says otherwise is refused
     (the real plugin, as `accelerate launch` builds it; only the Accelerator around it is a stand-in)."""
