@@ -27,7 +27,7 @@ from diffalign.data import open_training_data
 from diffalign.data.pairs import DataError
 from diffalign.data.sampler import EpochBatches, example_seeds
 from diffalign.models import load_model
-from diffalign.models.base import DiffusionModel, unwrap
+from diffalign.models.base import DiffusionModel, to_float32, unwrap
 from diffalign.models.lora import add_lora, load_lora, lora_module_state, save_lora
 from diffalign.options import parse_dtype
 
@@ -64,7 +64,7 @@ def make_trainable(model: DiffusionModel, cfg: Config, needs_reference: bool) ->
     else:
         if needs_reference:
             model.ref_denoiser = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
-        model.denoiser.to(torch.float32).requires_grad_(True)
+        to_float32(model.denoiser).requires_grad_(True)
         params = list(model.denoiser.parameters())
     if cfg.train.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()

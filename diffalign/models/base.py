@@ -110,6 +110,21 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def to_float32(network: torch.nn.Module) -> torch.nn.Module:
+    """The network in float32, for full fine-tuning. diffusers (0.42) warns on every dtype cast that modules
+    "should be kept in float32", even when it keeps none; a cast to float32 keeps any such module in float32, so
+    the warning is left out here."""
+    from diffusers.utils import logging as diffusers_logging
+
+    quiet = diffusers_logging.get_logger("diffusers.models.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return network.to(torch.float32)
+    finally:
+        quiet.setLevel(level)
+
+
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # SD3 / FLUX joint attention: the image stream's projections, then the text stream's (where the prompt comes in)
 JOINT_LORA_TARGETS = (*UNET_LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
