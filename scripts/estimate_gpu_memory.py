@@ -3,6 +3,7 @@
     python scripts/estimate_gpu_memory.py                       # SDXL 1024 px and SD 1.5 512 px, DPO/MaPO/AlignProp
     python scripts/estimate_gpu_memory.py --cases sdxl-dpo-ckpt --flops
     python scripts/estimate_gpu_memory.py --cases sdxl-dpo-ckpt-full,sdxl-dpo-ckpt-full-precomputed   # full FT
+    python scripts/estimate_gpu_memory.py --cases sdxl-dpo-ckpt-full --fsdp2 2,4,8    # per GPU, sharded over N
 
 Every case builds the real-size UNet (and, where the step needs them, the VAE, both text encoders and the reward's
 CLIP ViT-L/14) inside ``torch._subclasses.FakeTensorMode``, so no weight is allocated and no kernel runs, then does
@@ -25,6 +26,11 @@ How it differs from the GPU (the reasons the numbers are an estimate, not a meas
   breakdown (weights, LoRA gradients, AdamW state, the rest = activations and temporaries) is derived from it.
 - Not counted: the caching allocator's rounding and fragmentation (``max_memory_reserved`` is higher), the CUDA
   context and cuBLAS/cuDNN workspaces outside the allocator, CUDA's foreach AdamW temporaries (a few MiB for LoRA).
+- ``--fsdp2 N``: the denoiser is sharded as accelerate's FSDP2 preparation shards it (``fully_shard`` on each
+  ``_no_split_modules`` block, bottom-up, then the root; bf16 parameters and reductions, as accelerate sets for
+  ``mixed_precision: bf16``), over a fake process group of N ranks (``torch.testing``'s FakeStore): the collectives
+  run on fake tensors, and the count is one rank's, its shards plus the blocks it gathers. The frozen reference
+  copy is not sharded (the trainer keeps it whole on every GPU).
 - Pair methods (DPO, MaPO) read the latent cache, so the VAE and text encoders are not on the GPU
   (``data.offload_encoders``). AlignProp runs ``--alignprop-steps`` sampler steps (memory does not depend on the
   no-grad steps, only on the K=1 gradient step), the fp32 VAE decode with gradient and a random-weight CLIP
@@ -52,25 +58,38 @@ GiB = 2**30
 
 
 class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of live tensor storages (each storage once) and keeps the peak."""
+    """Counts the bytes of live tensor storages (each storage once) and keeps the peak. A storage resized in place
+    (FSDP2 frees and re-allocates its gathered parameters so) is followed through :meth:`resized`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.current = self.peak = 0
-        self.seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # storage -> [bytes counted]
 
     def add(self, t: torch.Tensor) -> None:
+        local = getattr(t, "_local_tensor", None)            # a DTensor (FSDP2 shard): this rank's piece
+        if local is not None:
+            t = local
         st = t.untyped_storage()
         if st in self.seen:
             return
-        n = st.nbytes()
-        self.seen[st] = n
-        weakref.finalize(st, self._free, n)
-        self.current += n
+        counted = [st.nbytes()]
+        self.seen[st] = counted
+        weakref.finalize(st, self._free, counted)
+        self.current += counted[0]
         self.peak = max(self.peak, self.current)
 
-    def _free(self, n: int) -> None:
-        self.current -= n
+    def resized(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        counted = self.seen.get(st)
+        if counted is None:
+            return self.add(t)
+        self.current += st.nbytes() - counted[0]
+        counted[0] = st.nbytes()
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, counted: list[int]) -> None:
+        self.current -= counted[0]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -182,9 +201,81 @@ def case_overrides(method: str, ckpt: bool, variant: str, resolution: int, args:
     return overrides
 
 
-def estimate(family: str, method: str, ckpt: bool, args: argparse.Namespace, variant: str = "") -> dict:
+def fake_mesh(ranks: int) -> Any:
+    """A device mesh over a fake process group of ``ranks`` ranks (made outside the fake mode; replaces any
+    earlier one)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
+    return init_device_mesh("cpu", (ranks,))
+
+
+def shard_like_accelerate(denoiser: torch.nn.Module, mesh: Any) -> None:
+    """accelerate's FSDP2 preparation (transformer_based_wrap, bf16): each ``_no_split_modules`` block bottom-up,
+    then the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16,
+                                  output_dtype=torch.bfloat16)
+    blocks = set(denoiser._no_split_modules)
+    for module in reversed(list(denoiser.modules())):
+        if module is not denoiser and type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(denoiser, mesh=mesh, mp_policy=policy)
+
+
+def resident(model: Any, cfg: Any, method: str, batch: dict) -> LiveBytes:
+    """A counter holding what is resident before the step: every module's weights and buffers (the frozen copy and
+    the reward model too) and the batch."""
+    counter = LiveBytes()
+    held = [*model.modules(), *([model.ref_denoiser] if model.ref_denoiser is not None else []),
+            *([cfg.method.reward_fn.module] if method == "alignprop" else [])]
+    for module in held:
+        for t in [*module.parameters(), *module.buffers()]:
+            counter.add(t)
+    for v in tree_flatten(batch)[0]:
+        if isinstance(v, torch.Tensor):
+            counter.add(v)
+    return counter
+
+
+@contextlib.contextmanager
+def following_fsdp2_storage(counter: LiveBytes):
+    """FSDP2 gathers a block's parameters into storages it resizes in place (``alloc_storage`` / ``free_storage``,
+    torch internals), which no operator shows: report each resize to ``counter``."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+
+    def followed(fn: Any) -> Any:
+        def call(tensor: torch.Tensor) -> None:
+            fn(tensor)
+            counter.resized(tensor)
+        return call
+
+    _fsdp_param.alloc_storage = _fsdp_param_group.alloc_storage = followed(alloc)
+    _fsdp_param.free_storage = followed(free)
+    try:
+        yield
+    finally:
+        _fsdp_param.alloc_storage = _fsdp_param_group.alloc_storage = alloc
+        _fsdp_param.free_storage = free
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    t = getattr(t, "_local_tensor", t)
+    return t.numel() * t.element_size()
+
+
+def estimate(family: str, method: str, ckpt: bool, args: argparse.Namespace, variant: str = "",
+             shards: int = 1) -> dict:
     """One case; ``variant`` "full" is full fine-tuning (fp32 master weights, a frozen bf16 reference copy for DPO)
-    and "full-precomputed" the same with precomputed reference errors (no frozen copy)."""
+    and "full-precomputed" the same with precomputed reference errors (no frozen copy); ``shards`` > 1 shards
+    the denoiser with FSDP2 over that many (fake) ranks."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from diffalign.config import load_config
@@ -194,9 +285,13 @@ def estimate(family: str, method: str, ckpt: bool, args: argparse.Namespace, var
     cfg = load_config(None, case_overrides(method, ckpt, variant, resolution, args))
     seeds = torch.arange(args.batch)          # real, made outside the fake mode: the pairs' draws read them
     started = time.perf_counter()
+    mesh = fake_mesh(shards) if shards > 1 else None
     with fake_friendly(), FakeTensorMode(allow_non_fake_inputs=True):
         model = build_model(family, args.tiny, encoders=method == "alignprop")
         params = make_trainable(model, cfg, cfg.method.needs_reference)
+        if mesh is not None:
+            shard_like_accelerate(model.denoiser, mesh)
+            params = [p for p in model.denoiser.parameters() if p.requires_grad]     # the sharded ones
         optimizer = build_optimizer(cfg, params)
         if method == "alignprop":
             cfg.method.reward_fn.module.to(torch.float32)         # built (fake) now, so its weights are counted
@@ -205,18 +300,10 @@ def estimate(family: str, method: str, ckpt: bool, args: argparse.Namespace, var
             batch["seeds"] = seeds
         if variant.endswith("precomputed"):
             batch["ref_errors"] = torch.rand(args.batch, 2)
-        counter = LiveBytes()
-        held = [*model.modules(), *([model.ref_denoiser] if model.ref_denoiser is not None else []),
-                *([cfg.method.reward_fn.module] if method == "alignprop" else [])]     # the frozen copy too
-        for module in held:
-            for t in [*module.parameters(), *module.buffers()]:
-                counter.add(t)
-        for v in tree_flatten(batch)[0]:
-            if isinstance(v, torch.Tensor):
-                counter.add(v)
+        counter = resident(model, cfg, method, batch)
         weights = counter.current
         flops = None
-        with counter:
+        with counter, following_fsdp2_storage(counter) if mesh is not None else contextlib.nullcontext():
             for _ in range(2):
                 train_step(cfg, model, batch, params, optimizer)
         if args.flops:   # a third step, outside the counter: FlopCounterMode keeps checkpointed activations alive
@@ -225,10 +312,11 @@ def estimate(family: str, method: str, ckpt: bool, args: argparse.Namespace, var
             with FlopCounterMode(display=False) as fc:
                 train_step(cfg, model, batch, params, optimizer)
             flops = fc.get_total_flops()
-        lora = sum(p.numel() * p.element_size() for p in params)
-        state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+        lora = sum(_nbytes(p) for p in params)
+        state = sum(_nbytes(t) for s in optimizer.state.values() for t in s.values()
                     if isinstance(t, torch.Tensor) and t.ndim > 0)
-    return {"case": f"{family}-{method}{'-ckpt' if ckpt else ''}{'-' + variant if variant else ''}",
+    name = f"{family}-{method}{'-ckpt' if ckpt else ''}{'-' + variant if variant else ''}"
+    return {"case": name + (f" (FSDP2, per GPU of {shards})" if shards > 1 else ""),
             "resolution": resolution,
             "peak_gib": counter.peak / GiB, "weights_gib": weights / GiB, "lora_grads_gib": lora / GiB,
             "adam_gib": state / GiB, "rest_gib": (counter.peak - weights - lora - state) / GiB,
@@ -258,7 +346,12 @@ def main() -> None:
     parser.add_argument("--flops", action="store_true", help="also count the FLOPs of a third step")
     parser.add_argument("--tiny", action="store_true", help="tiny models (a quick self-check)")
     parser.add_argument("--tiny-resolution", type=int, default=64)
+    parser.add_argument("--fsdp2", default="", help="comma-separated process counts: each case sharded with FSDP2 "
+                                                   "over that many GPUs, per GPU (e.g. 2,4,8)")
     args = parser.parse_args()
+    shard_counts = [int(n) for n in args.fsdp2.split(",")] if args.fsdp2 else [1]
+    if any(n < 2 for n in shard_counts) and args.fsdp2:
+        sys.exit("--fsdp2 takes process counts of 2 or more")
     names = [f"{f}-{m}{'-ckpt' if c else ''}{'-' + v if v else ''}" for f, m, c, v in CASES]
     chosen = args.cases.split(",") if args.cases else names
     unknown = set(chosen) - set(names)
@@ -269,11 +362,11 @@ def main() -> None:
           f"LoRA rank 8, bf16 autocast, AdamW; GiB = 2^30 bytes")
     print("| case | px | predicted peak GiB | weights | grads (LoRA, or all in full FT) | AdamW state | "
           "activations + temps | TFLOP/step | s |\n|---|---|---|---|---|---|---|---|---|", flush=True)
-    for (fam, method, ckpt, variant), name in zip(CASES, names, strict=True):
-        if name not in chosen:
-            continue
+    runs = [(case, name, n) for case, name in zip(CASES, names, strict=True) if name in chosen
+            for n in shard_counts]
+    for (fam, method, ckpt, variant), name, shards in runs:
         try:
-            r = estimate(fam, method, ckpt, args, variant)
+            r = estimate(fam, method, ckpt, args, variant, shards)
         except Exception as err:  # noqa: BLE001 (a failing case is a row, the others still run)
             print(f"| {name} | - | failed: {type(err).__name__}: {str(err).splitlines()[0][:150]} |", flush=True)
             continue
