@@ -240,16 +240,15 @@ class Trainer:
         """train.channels_last (convolution weights stored NHWC, so the activations follow) and train.compile
         (regional torch.compile of the repeated blocks), before the engine wraps the denoiser, in torchtitan's
         order: FSDP2's hooks then stay outside the compiled blocks (dynamo skips them). Refused: channels_last
-        under FSDP2 (which rejects non-contiguous parameters) and DeepSpeed (not run there), and compile under
-        ZeRO-3, whose per-module parameter fetch breaks the compiled graphs (176 graph breaks in 3 steps of the
-        tiny UNet; none under FSDP2 or ZeRO-2)."""
+        under FSDP2 and DeepSpeed, which both fail on non-contiguous parameters, and compile under ZeRO-3, whose
+        per-module parameter fetch breaks the compiled graphs (176 graph breaks in 3 steps of the tiny UNet;
+        none under FSDP2 or ZeRO-2)."""
         from accelerate.utils import DistributedType
 
         t, kind = self.cfg.train, self.acc.distributed_type
         if t.channels_last and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            why = " (FSDP2 does not shard non-contiguous parameters)" if kind == DistributedType.FSDP else ""
-            raise ConfigError(f"train.channels_last is supported with one process or DDP, not with "
-                              f"{kind.value}{why}: set it to false")
+            raise ConfigError(f"train.channels_last is supported with one process or DDP, not with {kind.value} "
+                              "(it fails on non-contiguous parameters): set it to false")
         zero_cfg = (self.acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
                     if kind == DistributedType.DEEPSPEED else {})               # the asked stage: no engine yet
         if t.compile and str(zero_cfg.get("stage")) == "3":
