@@ -249,9 +249,8 @@ class Trainer:
         if t.channels_last and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise ConfigError(f"train.channels_last is supported with one process or DDP, not with {kind.value} "
                               "(it fails on non-contiguous parameters): set it to false")
-        zero_cfg = (self.acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-                    if kind == DistributedType.DEEPSPEED else {})               # the asked stage: no engine yet
-        if t.compile and str(zero_cfg.get("stage")) == "3":
+        if t.compile and kind == DistributedType.DEEPSPEED and str(   # the stage asked for: no engine yet
+                self.acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")) == "3":
             raise ConfigError("train.compile is not supported with DeepSpeed ZeRO-3 (its parameter fetch hooks "
                               "break the compiled graphs): set it to false, or use FSDP2 or ZeRO-2")
         if t.channels_last:

@@ -350,7 +350,7 @@ def main() -> None:
                                                    "over that many GPUs, per GPU (e.g. 2,4,8)")
     args = parser.parse_args()
     shard_counts = [int(n) for n in args.fsdp2.split(",")] if args.fsdp2 else [1]
-    if any(n < 2 for n in shard_counts) and args.fsdp2:
+    if args.fsdp2 and min(shard_counts) < 2:
         sys.exit("--fsdp2 takes process counts of 2 or more")
     names = [f"{f}-{m}{'-ckpt' if c else ''}{'-' + v if v else ''}" for f, m, c, v in CASES]
     chosen = args.cases.split(",") if args.cases else names
