@@ -43,15 +43,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = opt("", "preference pairs: a datasets hub name; a parquet file, folder or glob in the Pick-a-Pic "
-                        "schema (or an fsspec URL to one: s3://..., hf://datasets/...); webdataset tar shards (a "
-                        ".tar file, folder, glob or {000..099} pattern); or a .jsonl file of {prompt, chosen, "
-                        "rejected} image paths")
+    path: str = opt("", "preference pairs: a datasets hub name, or a parquet file, folder or glob (or an fsspec "
+                        "URL to one: s3://..., hf://datasets/...), with Pick-a-Pic's columns (caption, jpg_0, jpg_1, "
+                        "label_0) or prompt, chosen, rejected (chosen preferred); webdataset tar shards (a .tar "
+                        "file, folder, glob or {000..099} pattern); or a .jsonl file of {prompt, chosen, rejected} "
+                        "image paths")
     prompts: str | list | None = opt(None, "prompts for prompt-only methods (AlignProp) and evaluation: a text "
                                            "file with one prompt per line, or a list")
     format: str = opt("auto", "input format; auto picks jsonl for .jsonl files, folder for a folder of pair "
                               "folders (prompt.txt, chosen.<ext>, rejected.<ext> in each), webdataset for .tar "
-                              "shards (KEY.jpg_0, KEY.jpg_1, KEY.json per sample), pickapic otherwise",
+                              "shards (KEY.jpg_0, KEY.jpg_1, KEY.json per sample), pickapic otherwise (parquet or a "
+                              "hub dataset, in either column layout)",
                       ("auto", "pickapic", "jsonl", "folder", "webdataset"))
     split: str = opt("train", "split to read from a datasets name or folder")
     shuffle_window: int = opt(16, "epoch order of parquet and tar sources: their blocks (parquet row groups, tar "

@@ -142,6 +142,80 @@ def test_parquet_errors_name_the_file_and_row(tmp_path: Path) -> None:
         PreferencePairs(cfg(folder))
 
 
+def binarized(records: list[dict]) -> list[dict]:
+    """Pick-a-Pic rows (no ties) in the binarized layout: the winner under ``chosen``, datasets ``Image`` values,
+    and the extra columns such sets carry."""
+    out = []
+    for r in records:
+        chosen, rejected = (r["jpg_0"], r["jpg_1"]) if r["label_0"] == 1 else (r["jpg_1"], r["jpg_0"])
+        out.append({"id": r["image_0_uid"], "prompt": r["caption"], "chosen": {"bytes": chosen, "path": None},
+                    "rejected": {"bytes": rejected, "path": None}, "chosen_model": "a", "rejected_model": "b"})
+    return out
+
+
+def write_binarized(folder: Path, records: list[dict], group_rows: int = 3) -> Path:
+    """Two train shards written by datasets (Image features) with ``group_rows``-row groups."""
+    features = datasets.Features({"id": datasets.Value("string"), "prompt": datasets.Value("string"),
+                                  "chosen": datasets.Image(), "rejected": datasets.Image(),
+                                  "chosen_model": datasets.Value("string"), "rejected_model": datasets.Value("string")})
+    folder.mkdir(parents=True, exist_ok=True)
+    half = len(records) // 2
+    for k, part in enumerate((records[:half], records[half:])):
+        table = datasets.Dataset.from_list(part, features=features).data.table
+        pq.write_table(table, folder / f"train-{k:05d}-of-00002.parquet", row_group_size=group_rows)
+    return folder
+
+
+def test_prompt_chosen_rejected_layout_reads_the_same_pairs_as_pickapic(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The binarized layout (open-image-preferences-v1-binarized, trl's image preference sets): chosen is the winner,
+    read in place by row group, from a hub name through datasets too; the same pairs, order and memory bound as
+    the Pick-a-Pic form of the same data."""
+    records = [r for r in rows(null_caption=None, repeat=None) if r["label_0"] != 0.5]
+    pickapic = PreferencePairs(cfg(write_parquet(tmp_path / "pickapic.parquet", records)))
+    folder = write_binarized(tmp_path / "binarized", binarized(records))
+    ds = PreferencePairs(cfg(folder))
+    assert type(ds._source).__name__ == "ParquetPairs" and ds._source.layout.name == "prompt/chosen/rejected"
+    assert ds.stats == {"rows": 16, "ties_dropped": 0, "pairs": 16}
+    same_pairs(ds._source, pickapic._source)
+    assert ds._source.blocks.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5]   # 8 rows per file
+    assert ds._source.group_bytes > 0
+    assert ds[0]["pixels"].shape == (2, 3, 8, 8)
+
+    hub = datasets.Dataset.from_parquet([str(f) for f in sorted(folder.glob("*.parquet"))])
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, split: hub)
+    from_hub = PreferencePairs(cfg("data-is-better-together/open-image-preferences-v1-binarized"))
+    assert type(from_hub._source).__name__ == "_Table" and from_hub.stats == ds.stats
+    same_pairs(from_hub._source, pickapic._source)
+
+
+def test_prompt_chosen_rejected_errors_name_the_column_file_and_row(tmp_path: Path) -> None:
+    records = binarized([r for r in rows(null_caption=None, repeat=None) if r["label_0"] != 0.5])
+    records[5]["prompt"] = None
+    records[9]["rejected"] = {"bytes": b"not an image", "path": None}
+    folder = write_binarized(tmp_path / "set", records)
+    with pytest.raises(DataError, match=r"row 5 \(train-00000-of-00002.parquet, row 5\): prompt is null"):
+        PreferencePairs(cfg(folder, null_prompt="error"))
+    ds = PreferencePairs(cfg(folder))
+    with pytest.raises(BadImageError, match=r"row 9 \(train-00001-of-00002.parquet, row 1\): cannot read image "
+                                            r"column rejected: UnidentifiedImageError"):
+        ds[9]
+    pq.write_table(pa.table({"prompt": ["x"], "chosen": [b""]}), folder / "train-00001-of-00002.parquet")
+    with pytest.raises(DataError, match=r"train-00001-of-00002.parquet: missing column\(s\) rejected; found columns: "
+                                        r"prompt, chosen \(the set has the prompt/chosen/rejected layout of "
+                                        r"train-00000-of-00002.parquet\)"):
+        PreferencePairs(cfg(folder))
+    write_parquet(folder / "train-00001-of-00002.parquet", rows(3, repeat=None))   # a Pick-a-Pic file in the set
+    with pytest.raises(DataError, match=r"train-00001-of-00002.parquet: missing column\(s\) prompt, chosen, rejected"):
+        PreferencePairs(cfg(folder))
+    lone = tmp_path / "lone.parquet"
+    pq.write_table(pa.table({"prompt": ["x"], "chosen": [b""], "score": [1.0]}), lone)
+    with pytest.raises(DataError) as err:
+        PreferencePairs(cfg(lone))
+    assert str(err.value) == (f"{lone}: missing column(s) rejected; found columns: prompt, chosen, score (a "
+                              "preference table has caption, jpg_0, jpg_1, label_0 or prompt, chosen, rejected)")
+
+
 def test_parquet_pairs_pickle_without_their_cache_and_load_in_workers(tmp_path: Path) -> None:
     ds = PreferencePairs(cfg(write_set(tmp_path / "set", rows()), crop="random", hflip=0.5), seed=2)
     first = ds[0]

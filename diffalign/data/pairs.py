@@ -3,11 +3,11 @@
 Four sources (``DataConfig.format``; ``auto`` picks jsonl for ``*.jsonl`` paths, webdataset for ``.tar`` shards,
 folder for a folder whose subfolders hold ``prompt.txt``, pickapic otherwise):
 
-* Pick-a-Pic v2 schema: columns ``caption``, ``jpg_0``, ``jpg_1`` (image bytes, or datasets ``Image``
-  dicts) and ``label_0`` (1 = image 0 preferred, 0 = image 1 preferred, 0.5 = tie). Parquet files (a file,
-  folder, glob, or an fsspec URL) are read in place with pyarrow, images by row group on demand
-  (``data/parquet.py``); a datasets hub name goes through ``datasets``. Only the small columns are read up
-  front; images are decoded per item.
+* Preference tables: Pick-a-Pic v2's columns ``caption``, ``jpg_0``, ``jpg_1`` (image bytes, or datasets
+  ``Image`` dicts) and ``label_0`` (1 = image 0 preferred, 0 = image 1 preferred, 0.5 = tie), or the binarized
+  ``prompt``, ``chosen``, ``rejected`` (``data/layouts.py``). Parquet files (a file, folder, glob, or an fsspec
+  URL) are read in place with pyarrow, images by row group on demand (``data/parquet.py``); a datasets hub name
+  goes through ``datasets``. Only the small columns are read up front; images are decoded per item.
 * Tar shards in the webdataset layout (``KEY.jpg_0``, ``KEY.jpg_1``, ``KEY.json`` with caption and label_0),
   indexed once and read by member offset (``data/tar.py``), with the same pair rules.
 * JSONL: one ``{"prompt", "chosen", "rejected"}`` object per line; image paths relative to the file's folder.
@@ -38,11 +38,11 @@ from torch.utils.data import Dataset
 from diffalign.config import DataConfig, field_problems
 from diffalign.data import transforms as T
 from diffalign.data.batches import caption_dropped, winners_then_losers
+from diffalign.data.layouts import Layout, LayoutError, detect
 from diffalign.data.transforms import item_rng
 
 logger = logging.getLogger("diffalign")
 
-PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 JSONL_KEYS = ("prompt", "chosen", "rejected")
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
@@ -127,13 +127,19 @@ def _split_files(folder: Path, split: str) -> list[Path]:
     return split_files(folder, split, ".parquet")
 
 
-def _check_shape(columns: list[str], num_rows: int, cfg: DataConfig) -> None:
-    missing = [c for c in PICKAPIC_COLUMNS if c not in columns]
-    if missing:
-        raise DataError(f"{cfg.path}: missing column(s) {', '.join(missing)}; found columns: "
-                        f"{', '.join(columns) or '(none)'}")
+def table_layout(columns: Sequence[str], where: str) -> Layout:
+    """The table's column layout (``layouts.detect``); a DataError naming ``where`` and the missing columns."""
+    try:
+        return detect(columns)
+    except LayoutError as err:
+        raise DataError(f"{where}: {err}") from None
+
+
+def _check_shape(columns: list[str], num_rows: int, cfg: DataConfig) -> Layout:
+    layout = table_layout(columns, cfg.path)
     if num_rows == 0:
         raise DataError(f"{cfg.path}: the dataset has no rows (split {cfg.split!r})")
+    return layout
 
 
 def _load_table(cfg: DataConfig) -> Any:
@@ -152,14 +158,22 @@ def _load_hub_dataset(datasets: Any, name: str, split: str) -> Any:
                         "local parquet file or folder, or a .jsonl file.") from None
 
 
-def _read_labels(table: Any, path: str) -> np.ndarray:
-    """``label_0`` as float64 (null -> NaN) without touching the image columns."""
+def labels_of(column: Any, num_rows: int, layout: Layout, where: str) -> np.ndarray:
+    """The label column (a pyarrow array) as float64, null -> NaN; all 1 (image 0 wins) for a layout without
+    labels."""
     import pyarrow as pa
 
-    column = table.select_columns(["label_0"]).with_format("arrow")[:]["label_0"]
+    if layout.label is None:
+        return np.ones(num_rows)
     if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
-        raise DataError(f"{path}: column label_0 has type {column.type}; expected numbers 1, 0 or 0.5")
+        raise DataError(f"{where}: column {layout.label} has type {column.type}; expected numbers 1, 0 or 0.5")
     return column.cast(pa.float64()).to_numpy()
+
+
+def _read_labels(table: Any, layout: Layout, path: str) -> np.ndarray:
+    """The labels without touching the image columns."""
+    column = None if layout.label is None else table.select_columns([layout.label]).with_format("arrow")[:][0]
+    return labels_of(column, len(table), layout, path)
 
 
 def _row(row: int) -> str:
@@ -189,80 +203,83 @@ def _select_pairs(labels: np.ndarray, path: str, ties: str,
 
 
 def choose_pairs(labels: np.ndarray, caption_null: np.ndarray, keys: np.ndarray | None, cfg: DataConfig,
-                 where: Callable[[int], str] = _row) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+                 where: Callable[[int], str] = _row,
+                 prompt_column: str = "caption") -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """The Pick-a-Pic rules for a source read as arrays (parquet, tar shards): (kept rows, winner-is-image-0,
     stats). ``labels``: label_0 per source row (NaN = null); ``caption_null``: per row; ``keys``: [rows, k]
     integer codes of (caption, image uids) when the source has uid columns, else None. The same checks, order
     and messages as the datasets-table path (``_open_table``)."""
     rows, winner_is_0, n_ties = _select_pairs(labels, cfg.path, cfg.ties, where)
     rows, winner_is_0 = rows[:cfg.max_pairs], winner_is_0[:cfg.max_pairs]
-    _check_null_captions(caption_null[rows], rows, cfg, where)
+    _check_null_captions(caption_null[rows], rows, cfg, where, prompt_column)
     stats = {"rows": int(labels.size), "ties_dropped": n_ties, "pairs": int(rows.size)}
     if keys is not None:
         stats["duplicates"] = _count_duplicate_codes(keys[rows], rows, cfg.path)
     return rows, winner_is_0, stats
 
 
-class _Pickapic:
-    """Kept rows of a Pick-a-Pic-schema table; images are decoded on access only."""
+class _Table:
+    """Kept rows of a preference table (a ``datasets`` table, in either layout); images are decoded on access
+    only."""
 
-    def __init__(self, table: Any, path: str, rows: np.ndarray, winner_is_0: np.ndarray) -> None:
-        self.path, self.rows, self.winner_is_0 = path, rows, winner_is_0
+    def __init__(self, table: Any, path: str, rows: np.ndarray, winner_is_0: np.ndarray, layout: Layout) -> None:
+        self.path, self.rows, self.winner_is_0, self.layout = path, rows, winner_is_0, layout
         # Arrow formatting returns raw values: bytes or {"bytes", "path"} dicts, never decoded images.
-        self._captions = table.select_columns(["caption"]).with_format("arrow")
-        self._images = table.select_columns(["jpg_0", "jpg_1"]).with_format("arrow")
+        self._captions = table.select_columns([layout.prompt]).with_format("arrow")
+        self._images = table.select_columns(list(layout.images)).with_format("arrow")
 
     def prompt(self, i: int) -> str:
-        value = self._captions[int(self.rows[i])]["caption"][0].as_py()
+        value = self._captions[int(self.rows[i])][0][0].as_py()
         return "" if value is None else str(value)
 
     def images(self, i: int) -> tuple[Image.Image, Image.Image]:
         row = int(self.rows[i])
         record = self._images[row].to_pylist()[0]
-        order = ("jpg_0", "jpg_1") if self.winner_is_0[i] else ("jpg_1", "jpg_0")
+        first, second = self.layout.images
+        order = (first, second) if self.winner_is_0[i] else (second, first)
         winner, loser = (_read_image(record[col], f"{self.path}: row {row}: cannot read image column {col}")
                          for col in order)
         return winner, loser
 
 
-def _check_captions(table: Any, rows: np.ndarray, cfg: DataConfig) -> None:
-    """A null caption is an error naming its row, unless data.null_prompt = empty."""
+def _check_captions(table: Any, rows: np.ndarray, cfg: DataConfig, column: str) -> None:
+    """A null prompt is an error naming its row, unless data.null_prompt = empty."""
     if cfg.null_prompt == "empty":
         return
-    column = table.select_columns(["caption"]).with_format("arrow")[:]["caption"]
-    _check_null_captions(column.is_null().to_numpy(zero_copy_only=False)[rows], rows, cfg)
+    values = table.select_columns([column]).with_format("arrow")[:][0]
+    _check_null_captions(values.is_null().to_numpy(zero_copy_only=False)[rows], rows, cfg, column=column)
 
 
 def _check_null_captions(null: np.ndarray, rows: np.ndarray, cfg: DataConfig,
-                         where: Callable[[int], str] = _row) -> None:
+                         where: Callable[[int], str] = _row, column: str = "caption") -> None:
     """``null``: per kept row; an error naming the first, unless data.null_prompt = empty."""
     nulls = np.flatnonzero(null)
     if nulls.size and cfg.null_prompt != "empty":
-        raise DataError(f"{cfg.path}: {where(int(rows[nulls[0]]))}: caption is null ({nulls.size} kept row(s) have "
+        raise DataError(f"{cfg.path}: {where(int(rows[nulls[0]]))}: {column} is null ({nulls.size} kept row(s) have "
                         "none); set data.null_prompt=empty to train such pairs with the empty prompt")
 
 
-def _duplicate_keys(table: Any, rows: np.ndarray) -> list[tuple] | None:
-    """(caption, image uids) per kept row when the table has Pick-a-Pic's uid columns, else None."""
-    uids = ("image_0_uid", "image_1_uid")
-    if not all(c in table.column_names for c in uids):
+def _duplicate_keys(table: Any, rows: np.ndarray, layout: Layout) -> list[tuple] | None:
+    """(caption, image uids) per kept row when the table has its layout's uid columns, else None."""
+    if not layout.has_uids(table.column_names):
         return None
-    columns = table.select_columns(["caption", *uids]).with_format("arrow")[:]
-    values = [columns[c].to_pylist() for c in ("caption", *uids)]
+    names = (layout.prompt, *layout.uids)
+    columns = table.select_columns(list(names)).with_format("arrow")[:]
+    values = [columns[c].to_pylist() for c in names]
     return [(values[0][r], values[1][r], values[2][r]) for r in rows.tolist()]
 
 
-def _open_table(table: Any, cfg: DataConfig) -> tuple[_Pickapic, dict[str, int]]:
+def _open_table(table: Any, cfg: DataConfig) -> tuple[_Table, dict[str, int]]:
     """Pairs of a ``datasets`` table (a hub dataset)."""
-    _check_shape(list(table.column_names), len(table), cfg)
-    rows, winner_is_0, n_ties = _select_pairs(_read_labels(table, cfg.path), cfg.path, cfg.ties)
+    layout = _check_shape(list(table.column_names), len(table), cfg)
+    rows, winner_is_0, n_ties = _select_pairs(_read_labels(table, layout, cfg.path), cfg.path, cfg.ties)
     rows, winner_is_0 = rows[:cfg.max_pairs], winner_is_0[:cfg.max_pairs]
-    _check_captions(table, rows, cfg)
-    keys = _duplicate_keys(table, rows)
+    _check_captions(table, rows, cfg, layout.prompt)
+    keys = _duplicate_keys(table, rows, layout)
     stats = {"rows": len(table), "ties_dropped": n_ties, "pairs": int(rows.size)}
     if keys is not None:              # without uid columns, finding repeats would mean reading every image
         stats["duplicates"] = _count_duplicates(keys, rows, cfg.path)
-    return _Pickapic(table, cfg.path, rows, winner_is_0), stats
+    return _Table(table, cfg.path, rows, winner_is_0, layout), stats
 
 
 def _open_pickapic(cfg: DataConfig) -> tuple[_Source, dict[str, int]]:

@@ -1,13 +1,15 @@
-"""Pick-a-Pic-schema parquet read with pyarrow directly: no ``datasets`` conversion, bounded memory.
+"""Preference parquet (Pick-a-Pic's columns, or prompt/chosen/rejected) read with pyarrow directly: no ``datasets``
+conversion, bounded memory.
 
 ``datasets.load_dataset("parquet", ...)`` converts every shard into an Arrow cache under ``~/.cache/huggingface``
 first, which for Pick-a-Pic v2 (335 GB) copies the whole set to disk again. Here the files are read in place
 (local, or through fsspec for a URL, so a set larger than one disk never needs a local copy):
 
-* on open, the footers (row groups and their row counts) and the small columns ``label_0`` and ``caption``
-  (and the image uids, for duplicate counting) of every file; the pair rules and messages are those of every
-  Pick-a-Pic-schema source (``pairs.choose_pairs``);
-* per item, the row group holding it, only the ``jpg_0``/``jpg_1`` columns, kept in a per-process LRU of
+* on open, the footers (row groups and their row counts) and the small columns (``label_0`` and ``caption``,
+  and the image uids, for duplicate counting; ``prompt`` alone in the binarized layout) of every file; the
+  column layout is the first non-empty file's (``data/layouts.py``), and the pair rules and messages are those
+  of every Pick-a-Pic-schema source (``pairs.choose_pairs``);
+* per item, the row group holding it, only the two image columns, kept in a per-process LRU of
   ``max(data.shuffle_window, 1)`` row groups. Memory is therefore bounded by that many row groups' image bytes
   per reading process (each DataLoader worker, or the main process with ``num_workers=0``), whatever the set's
   size: the pairs' bytes are never all in memory, only the small columns are.
@@ -31,13 +33,11 @@ import numpy as np
 from PIL import Image
 
 from diffalign.config import DataConfig
-from diffalign.data.pairs import PICKAPIC_COLUMNS, BadImageError, DataError, _read_image, choose_pairs, key_codes
+from diffalign.data.layouts import IMAGE_COLUMNS, Layout
+from diffalign.data.pairs import BadImageError, DataError, _read_image, choose_pairs, key_codes, labels_of, table_layout
 from diffalign.data.shards import ShardHandles, ShardSet, find_shards
 
 logger = logging.getLogger("diffalign")
-
-IMAGE_COLUMNS = ("jpg_0", "jpg_1")
-UID_COLUMNS = ("image_0_uid", "image_1_uid")
 
 
 class BlockCache:
@@ -92,8 +92,8 @@ class _ParquetHandle:
 
 class _Footers:
     """What the files' footers say: the files with rows, their row-group row counts and column names, the first
-    file's column names (for an error when every file is empty), and the largest row group's image bytes
-    (uncompressed, as held in memory)."""
+    file's column names (for an error when every file is empty), and each row group's bytes (uncompressed, as
+    held in memory) per image column of any layout."""
 
     def __init__(self, shards: ShardSet) -> None:
         import pyarrow as pa
@@ -103,7 +103,7 @@ class _Footers:
         self.groups: list[list[int]] = []
         self.columns: list[list[str]] = []
         self.first_columns: list[str] | None = None
-        self.group_bytes = 0
+        self.image_bytes: list[dict[str, int]] = []     # per row group, across the files
         for k in range(len(shards.files)):
             try:
                 with shards.open(k) as f:
@@ -117,14 +117,21 @@ class _Footers:
             self.files.append(k)
             self.groups.append([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
             self.columns.append(names)
-            leaves = [c for c in range(meta.num_columns) if meta.schema.column(c).path.split(".")[0] in IMAGE_COLUMNS]
+            leaves = [(c, top) for c in range(meta.num_columns)
+                      if (top := meta.schema.column(c).path.split(".")[0]) in IMAGE_COLUMNS]
             for g in range(meta.num_row_groups):
-                group = meta.row_group(g)
-                self.group_bytes = max(self.group_bytes, sum(group.column(c).total_uncompressed_size for c in leaves))
+                group, sizes = meta.row_group(g), {}
+                for c, top in leaves:
+                    sizes[top] = sizes.get(top, 0) + group.column(c).total_uncompressed_size
+                self.image_bytes.append(sizes)
+
+    def group_bytes(self, layout: Layout) -> int:
+        """The largest row group's bytes of the layout's two image columns."""
+        return max((sum(sizes.get(c, 0) for c in layout.images) for sizes in self.image_bytes), default=0)
 
 
 class ParquetPairs:
-    """Kept rows of a set of Pick-a-Pic-schema parquet files; images read by row group, on access only.
+    """Kept rows of a set of preference parquet files; images read by row group, on access only.
 
     ``rows``: the source row of each kept pair (rows numbered across the files in order, as ``datasets`` would);
     ``blocks``: the row group (numbered across the files) of each kept pair.
@@ -133,7 +140,7 @@ class ParquetPairs:
     def __init__(self, shards: ShardSet, cfg: DataConfig) -> None:
         self.shards, self.path = shards, cfg.path
         footers = _Footers(shards)
-        self._check_columns(footers, cfg)
+        self.layout = self._check_columns(footers, cfg)
         files = self.files = footers.files                    # shard index of each file with rows
         counts = [np.asarray(g, dtype=np.int64) for g in footers.groups]
         self.group_file = np.concatenate([np.full(c.size, j, np.int64) for j, c in enumerate(counts)])
@@ -141,42 +148,47 @@ class ParquetPairs:
         sizes = np.concatenate(counts)
         self.group_start = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.file_start = self.group_start[np.searchsorted(self.group_file, np.arange(len(files)))]
-        uids = all(all(u in names for u in UID_COLUMNS) for names in footers.columns)
+        uids = all(self.layout.has_uids(names) for names in footers.columns)
         labels, captions, keys = self._small_columns(files, cfg, uids)
         self.rows, self.winner_is_0, self.stats = choose_pairs(
-            labels, captions.is_null().to_numpy(zero_copy_only=False), keys, cfg, self.where)
+            labels, captions.is_null().to_numpy(zero_copy_only=False), keys, cfg, self.where, self.layout.prompt)
         self.blocks = np.searchsorted(self.group_start, self.rows, side="right") - 1
         self._captions = captions.take(self.rows).combine_chunks()
         capacity = max(cfg.shuffle_window, 1)
         self._cache = BlockCache(capacity)
         self._handles = ShardHandles(self._open_file, capacity)
-        self.group_bytes = footers.group_bytes
+        self.group_bytes = footers.group_bytes(self.layout)
         logger.info("%s: %d parquet file(s), %d row groups, the largest with %.1f MB of images; each reading "
                     "process holds at most %d row groups (data.shuffle_window), <= %.0f MB", cfg.path, len(files),
                     sizes.size, self.group_bytes / 2**20, capacity, capacity * self.group_bytes / 2**20)
 
     # ---------------------------------------------------------------------------------------------- open
-    def _check_columns(self, footers: _Footers, cfg: DataConfig) -> None:
-        """The messages of ``pairs._check_shape``; with several files, the file missing a column is named."""
+    def _check_columns(self, footers: _Footers, cfg: DataConfig) -> Layout:
+        """The layout (the messages of ``pairs._check_shape``); with several files it is the first non-empty
+        file's, and a file missing one of its columns is named."""
         from diffalign.data.pairs import _check_shape
 
         if not footers.files or len(self.shards.files) == 1:
-            _check_shape(footers.columns[0] if footers.files else footers.first_columns or [],
-                         sum(map(sum, footers.groups)), cfg)
-            return
+            return _check_shape(footers.columns[0] if footers.files else footers.first_columns or [],
+                                sum(map(sum, footers.groups)), cfg)
+        layout = table_layout(footers.columns[0], self.shards.display(footers.files[0]))
         for k, names in zip(footers.files, footers.columns, strict=True):
-            missing = [c for c in PICKAPIC_COLUMNS if c not in names]
+            missing = layout.missing(names)
             if missing:
                 raise DataError(f"{self.shards.display(k)}: missing column(s) {', '.join(missing)}; found columns: "
-                                f"{', '.join(names) or '(none)'}")
+                                f"{', '.join(names) or '(none)'} (the set has the {layout.name} layout of "
+                                f"{self.shards.names[footers.files[0]]})")
+        return layout
 
     def _small_columns(self, files: list[int], cfg: DataConfig, uids: bool) -> tuple[np.ndarray, Any, Any]:
-        """(label_0 as float64 per row, null -> NaN; captions as one large_string chunked array; key codes of
-        (caption, image uids) per row, or None without uid columns)."""
+        """(the label as float64 per row, null -> NaN, 1 without a label column; prompts as one large_string
+        chunked array; key codes of (prompt, image uids) per row, or None without uid columns)."""
         import pyarrow as pa
 
-        wanted = ["label_0", "caption", *(UID_COLUMNS if uids else ())]
-        labels, captions, uid_columns = [], [], [[] for _ in UID_COLUMNS]
+        layout = self.layout
+        uid_names = layout.uids if uids and layout.uids else ()
+        wanted = [*((layout.label,) if layout.label else ()), layout.prompt, *uid_names]
+        labels, captions, uid_columns = [], [], [[] for _ in uid_names]
         for k in files:
             handle = _ParquetHandle(self.shards, k)
             try:
@@ -185,19 +197,16 @@ class ParquetPairs:
                 raise DataError(f"{self.shards.display(k)}: cannot read columns {', '.join(wanted)}: {err}") from err
             finally:
                 handle.close()
-            label = table.column("label_0")
-            if not (pa.types.is_floating(label.type) or pa.types.is_integer(label.type)):
-                where = cfg.path if len(self.shards.files) == 1 else self.shards.display(k)
-                raise DataError(f"{where}: column label_0 has type {label.type}; expected numbers 1, 0 or 0.5")
-            labels.append(label.cast(pa.float64()).to_numpy())
-            captions.extend(self._as_text(table.column("caption"), "caption", k).chunks)
-            if uids:
-                for column, name in zip(uid_columns, UID_COLUMNS, strict=True):
-                    column.extend(self._as_text(table.column(name), name, k).chunks)
+            where = cfg.path if len(self.shards.files) == 1 else self.shards.display(k)
+            labels.append(labels_of(table.column(layout.label) if layout.label else None, table.num_rows, layout,
+                                    where))
+            captions.extend(self._as_text(table.column(layout.prompt), layout.prompt, k).chunks)
+            for column, name in zip(uid_columns, uid_names, strict=True):
+                column.extend(self._as_text(table.column(name), name, k).chunks)
             del table
         caption = pa.chunked_array(captions, pa.large_string())
         keys = (key_codes([caption, *(pa.chunked_array(c, pa.large_string()) for c in uid_columns)])
-                if uids else None)
+                if uid_names else None)
         return np.concatenate(labels), caption, keys
 
     def _as_text(self, column: Any, name: str, k: int) -> Any:
@@ -227,7 +236,7 @@ class ParquetPairs:
         j = int(self.group_file[g])
         try:
             handle = self._handles.get(j)
-            return handle.parquet.read_row_group(int(self.group_index[g]), columns=list(IMAGE_COLUMNS),
+            return handle.parquet.read_row_group(int(self.group_index[g]), columns=list(self.layout.images),
                                                  use_threads=False)
         except (OSError, pa.ArrowException) as err:
             raise BadImageError(f"{self.path}: {self.where(row)}: cannot read row group {self.group_index[g]} of "
@@ -245,7 +254,8 @@ class ParquetPairs:
         row, g = int(self.rows[i]), int(self.blocks[i])
         table = self.group(g, row)
         offset = row - int(self.group_start[g])
-        order = ("jpg_0", "jpg_1") if self.winner_is_0[i] else ("jpg_1", "jpg_0")
+        first, second = self.layout.images
+        order = (first, second) if self.winner_is_0[i] else (second, first)
         winner, loser = (_read_image(table.column(col)[offset].as_py(),
                                      f"{self.path}: {self.where(row)}: cannot read image column {col}")
                          for col in order)
