@@ -4,12 +4,15 @@
     python scripts/estimate_gpu_memory.py --cases sdxl-dpo-ckpt --flops
     python scripts/estimate_gpu_memory.py --cases sdxl-dpo-ckpt-full,sdxl-dpo-ckpt-full-precomputed   # full FT
     python scripts/estimate_gpu_memory.py --cases sdxl-dpo-ckpt-full --fsdp2 2,4,8    # per GPU, sharded over N
+    python scripts/estimate_gpu_memory.py --cases flux-dpo-ckpt,sd35m-dpo-ckpt       # FLUX.1-dev, SD3.5 Medium
 
 Every case builds the real-size UNet (and, where the step needs them, the VAE, both text encoders and the reward's
-CLIP ViT-L/14) inside ``torch._subclasses.FakeTensorMode``, so no weight is allocated and no kernel runs, then does
-what ``Trainer.train_step`` does, with diffalign's own code: ``make_trainable`` (LoRA rank 8 in fp32, gradient
-checkpointing when asked), ``build_optimizer`` (AdamW), bf16 autocast around the method's ``loss(model, batch)``,
-backward, gradient clipping, optimizer step, zero_grad; two steps, so the second holds the AdamW state. A
+CLIP ViT-L/14), or the real-size SD3.5 Medium or FLUX.1-dev transformer (``models/full_size.FLOW_TRANSFORMERS``;
+their pair methods read the cache, so their encoders are not built), inside ``torch._subclasses.FakeTensorMode``,
+so no weight is allocated and no kernel runs, then does what ``Trainer.train_step`` does, with diffalign's own
+code: ``make_trainable`` (LoRA rank 8 in fp32, gradient checkpointing when asked), ``build_optimizer`` (AdamW),
+bf16 autocast around the method's ``loss(model, batch)``, backward, gradient clipping, optimizer step, zero_grad;
+two steps, so the second holds the AdamW state. A
 TorchDispatchMode below the fake mode counts the bytes of every live tensor storage (weights included) and keeps
 the maximum: the predicted ``torch.cuda.max_memory_allocated``.
 
@@ -126,8 +129,48 @@ def fake_friendly():
         torch.utils.swap_tensors, reward_base.check_images = swap, check
 
 
+FLOW = ("sd35m", "flux")                   # the flow-matching families' real-size cases (pair methods, cached)
+RESOLUTION = {"sdxl": 1024, "sd15": 512, "sd35m": 1024, "flux": 1024}
+
+
+def build_flow_model(family: str, tiny: bool) -> Any:
+    """SD3.5 Medium or FLUX.1-dev with a bf16 transformer and no encoders (cached latents and prompts); the VAE
+    only gives its latent factor and channels. The schedule's tables (and the tiny self-check's transformer) are
+    host-side and real: made outside the fake mode."""
+    import diffusers
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from diffalign.models import FluxModel, SD3Model
+    from diffalign.models.full_size import FLOW_TRANSFORMERS, flow_scheduler
+    from diffalign.models.schedules import FlowSchedule
+    from diffalign.models.tiny import _flow_vae, _flux_pipeline, _sd3_pipeline
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with unset_fake_temporarily():
+            schedule = FlowSchedule(dict(flow_scheduler(family).config))
+            if tiny:
+                transformer = (_sd3_pipeline() if family == "sd35m" else _flux_pipeline()).transformer
+        if not tiny:
+            name, config = FLOW_TRANSFORMERS[family]
+            transformer = getattr(diffusers, name)(**config)
+    finally:
+        torch.set_default_dtype(default)
+    for buffer in transformer.buffers():     # SD3's fp32 position table: bf16, as from_pretrained(torch_dtype) casts it
+        buffer.data = buffer.data.to(torch.bfloat16) if buffer.is_floating_point() else buffer.data
+    cls = SD3Model if family == "sd35m" else FluxModel
+    return cls(transformer, _flow_vae(1.0, 0.0), [], [], schedule)
+
+
 def build_model(family: str, tiny: bool, encoders: bool) -> Any:
-    """The family's DiffusionModel with a bf16 UNet (and bf16 text encoders + fp32 VAE when ``encoders``)."""
+    """The family's DiffusionModel with a bf16 UNet (and bf16 text encoders + fp32 VAE when ``encoders``), or a
+    flow family's with a bf16 transformer."""
+    if family in FLOW:
+        model = build_flow_model(family, tiny)
+        for module in model.modules():
+            module.requires_grad_(False).eval()
+        return model
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from diffalign.models import SDModel, SDXLModel
@@ -177,12 +220,18 @@ def batch_for(family: str, method: str, resolution: int, b: int, model: Any) -> 
         return {"prompts": [PROMPTS[i % 4] for i in range(b)], "indices": torch.arange(b),
                 "size": (resolution, resolution)}
     h = resolution // 8
-    unet_cfg = model.denoiser.config
-    cond = {"hidden": torch.randn(b, 77, unet_cfg.cross_attention_dim)}
+    config = model.denoiser.config
+    if family in FLOW:      # T5 tokens at the pipelines' defaults: SD3 77 CLIP + 256, FLUX.1-dev 512
+        tokens = 77 + model.max_sequence_length if family == "sd35m" else model.max_sequence_length
+        cond = {"hidden": torch.randn(b, tokens, config.joint_attention_dim),
+                "pooled": torch.randn(b, config.pooled_projection_dim)}
+    else:
+        cond = {"hidden": torch.randn(b, 77, config.cross_attention_dim)}
     if family == "sdxl":
-        pooled = unet_cfg.projection_class_embeddings_input_dim - 6 * unet_cfg.addition_time_embed_dim
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         cond["pooled"] = torch.randn(b, pooled)
-    return {"latent_mean": torch.randn(2 * b, 4, h, h), "latent_std": torch.full((2 * b, 4, h, h), 0.01),
+    c = model.vae.config.latent_channels
+    return {"latent_mean": torch.randn(2 * b, c, h, h), "latent_std": torch.full((2 * b, c, h, h), 0.01),
             "cond": cond, "original_sizes": torch.full((2 * b, 2), resolution, dtype=torch.long),
             "crops": torch.zeros(2 * b, 2, dtype=torch.long), "indices": torch.arange(b)}
 
@@ -281,7 +330,7 @@ def estimate(family: str, method: str, ckpt: bool, args: argparse.Namespace, var
     from diffalign.config import load_config
     from diffalign.trainer import build_optimizer, make_trainable
 
-    resolution = args.tiny_resolution if args.tiny else (1024 if family == "sdxl" else 512)
+    resolution = args.tiny_resolution if args.tiny else RESOLUTION[family]
     cfg = load_config(None, case_overrides(method, ckpt, variant, resolution, args))
     seeds = torch.arange(args.batch)          # real, made outside the fake mode: the pairs' draws read them
     started = time.perf_counter()
@@ -336,6 +385,8 @@ def train_step(cfg: Any, model: Any, batch: dict, params: list, optimizer: Any) 
 CASES = [(fam, method, ckpt, "") for fam in ("sdxl", "sd15") for method in ("dpo", "mapo", "alignprop")
          for ckpt in (True, False)]
 CASES += [(fam, "dpo", True, variant) for fam in ("sdxl", "sd15") for variant in ("full", "full-precomputed")]
+CASES += [(fam, method, ckpt, "") for fam in FLOW for method, ckpt in (("dpo", True), ("dpo", False), ("mapo", True))]
+CASES += [(fam, "dpo", True, variant) for fam in FLOW for variant in ("full", "full-precomputed")]
 
 
 def main() -> None:

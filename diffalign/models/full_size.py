@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -21,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from diffalign.checkpoint import write_atomic
 from diffalign.models.tiny import BOS_ID, CLIP_VOCAB_SIZE, EOS_ID, EOS_TOKEN, _scheduler, clip_tokenizer, unet_config
 
-__all__ = ["build_full_size_pipeline"]
+__all__ = ["FLOW_TRANSFORMERS", "build_full_size_pipeline", "flow_scheduler"]
 
 # OpenAI CLIP ViT-L/14 text tower (SD 1.5's encoder, SDXL's first) and OpenCLIP ViT-bigG/14 (SDXL's second).
 _CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -39,6 +40,32 @@ _FAMILIES = {
              "text": [("text_encoder", "tokenizer", _CLIP_L, False, EOS_TOKEN),
                       ("text_encoder_2", "tokenizer_2", _CLIP_BIGG, True, "!")]},
 }
+
+# The flow families' transformers, as their transformer/config.json says (stabilityai/stable-diffusion-3.5-medium:
+# 2.47B parameters, MMDiT-X with dual attention in the first 13 blocks; black-forest-labs/FLUX.1-dev: 11.9B, 19
+# double- and 38 single-stream blocks, guidance embedding), and the flow-matching scheduler configs they ship with.
+# Only the transformers are here: memory predictions read latents and prompt embeddings from the cache.
+FLOW_TRANSFORMERS = {
+    "sd35m": ("SD3Transformer2DModel",
+              {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+               "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+               "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+               "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm"}),
+    "flux": ("FluxTransformer2DModel",
+             {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+              "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+              "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}),
+}
+_FLOW_SCHEDULERS = {"sd35m": {"shift": 3.0},
+                    "flux": {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                             "base_image_seq_len": 256, "max_image_seq_len": 4096}}
+
+
+def flow_scheduler(family: str) -> Any:
+    """The ``FlowMatchEulerDiscreteScheduler`` of ``sd35m`` or ``flux`` (FLUX.1-dev: the resolution-dependent shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **_FLOW_SCHEDULERS[family])
 
 
 def _text_encoder(spec: dict, projection: bool) -> torch.nn.Module:
