@@ -4,6 +4,7 @@
     python scripts/bench_gpu.py --budget-s 420                 # the same, without the shell wrapper
     python scripts/bench_gpu.py --device cpu --tiny            # dry run of the same code path on tiny models (CPU)
     python scripts/bench_gpu.py --cases sdxl-dpo-ckpt,diffusers-sdxl-dpo-ckpt
+    bash scripts/bench_gpu.sh --families sd35m,flux             # SD3.5 Medium and FLUX.1-dev, 1024 px (a second run)
 
 Nothing is downloaded and nothing is read from disk: each family's architectures (the published UNet, VAE and CLIP
 text-encoder configs, as in ``diffalign/models/full_size.py``) are built in memory with random weights, directly
@@ -20,6 +21,9 @@ loader and data source are replaced by the in-memory model and synthetic batches
                example
     precomputed  DPO on cached batches that carry the reference's errors (``method.reference=precomputed``,
                what ``diffalign cache ... data.reference_epochs=E`` writes): no reference forward
+    flow       ``--families sd35m,flux`` (not in the default run): the real-size SD3.5 Medium and FLUX.1-dev
+               transformers (``models/full_size.FLOW_TRANSFORMERS``) at 1024 px, DPO / MaPO on cached batches (T5
+               and CLIP conditioning at the pipelines' default lengths); no encoders are built
     alignprop  prompts -> DDIM sampling (``--alignprop-steps``, CFG 7.5, gradient through the last step) -> VAE
                decode -> aesthetic reward on a random-weight CLIP ViT-L/14 (no weights can be downloaded)
 
@@ -88,7 +92,7 @@ CLIP_TINY = {"projection_dim": 16,
 @dataclass
 class Case:
     name: str
-    family: str            # sd15 | sdxl
+    family: str            # sd15 | sdxl | sd35m | flux
     method: str            # dpo | mapo | alignprop | diffusers-dpo
     ckpt: bool             # gradient checkpointing
     data: str = "cached"   # cached | uncached | precomputed | prompts
@@ -112,11 +116,20 @@ def all_cases() -> list[Case]:
                   Case(f"{fam}-alignprop", fam, "alignprop", False, "prompts")]
     cases = [c for c in cases if not (c.family == "sd15" and c.method == "diffusers-dpo")]  # the SDXL script only
     # last, so they cannot cost the rows above their time (compiling is slow): whether the two options pay off
-    return [*cases, Case("sdxl-dpo-ckpt-channels-last", "sdxl", "dpo", True, channels_last=True),
-            Case("sdxl-dpo-ckpt-compile", "sdxl", "dpo", True, compile=True)]
+    cases += [Case("sdxl-dpo-ckpt-channels-last", "sdxl", "dpo", True, channels_last=True),
+              Case("sdxl-dpo-ckpt-compile", "sdxl", "dpo", True, compile=True)]
+    # the flow families (not in the default --families: a run of their own, `--families sd35m,flux`)
+    for fam in FLOW_FAMILIES:
+        cases += [Case(f"{fam}-dpo-ckpt", fam, "dpo", True), Case(f"{fam}-dpo-precomputed-ckpt", fam, "dpo", True,
+                                                                    "precomputed"),
+                  Case(f"{fam}-mapo-ckpt", fam, "mapo", True), Case(f"{fam}-dpo", fam, "dpo", False)]
+    return cases
 
 
 # ------------------------------------------------------------------------------------------------ components
+FLOW_FAMILIES = ("sd35m", "flux")        # SD3.5 Medium and FLUX.1-dev at 1024 px: pair methods on cached batches
+
+
 class Family:
     """One family's frozen parts (VAE, text encoders, tokenizers, schedule), kept on the CPU between cases; the UNet
     is built afresh, with the same seed, for every case."""
@@ -228,6 +241,70 @@ class Family:
                 "size": (self.resolution, self.resolution)}
 
 
+class FlowFamily:
+    """SD3.5 Medium or FLUX.1-dev: the real-size transformer (``models/full_size.FLOW_TRANSFORMERS``) built afresh,
+    with the same seed, for every case; cached batches only, so no text encoder or VAE weights are built (the
+    VAE stands in for its latent factor and channels)."""
+
+    def __init__(self, name: str, device: Any, tiny: bool) -> None:
+        from diffalign.models import FluxModel, SD3Model
+        from diffalign.models.full_size import flow_scheduler
+        from diffalign.models.schedules import FlowSchedule
+        from diffalign.models.tiny import _flow_vae
+
+        self.name, self.device, self.tiny = name, device, tiny
+        self.model_class = SD3Model if name == "sd35m" else FluxModel
+        self.unet_preset = f"tiny-{name}" if tiny else name
+        self.resolution = 64 if tiny else 1024
+        self.schedule = FlowSchedule(dict(flow_scheduler(name).config))
+        self.vae = _flow_vae(1.0, 0.0)
+
+    def build_transformer(self, dtype: Any) -> Any:
+        import diffusers
+        import torch
+
+        from diffalign.models.full_size import FLOW_TRANSFORMERS
+        from diffalign.models.tiny import _flux_pipeline, _sd3_pipeline
+
+        default = torch.get_default_dtype()
+        with torch.random.fork_rng(devices=[]), torch.device(self.device):
+            torch.manual_seed(1)
+            torch.set_default_dtype(dtype)
+            try:
+                if self.tiny:
+                    model = (_sd3_pipeline() if self.name == "sd35m" else _flux_pipeline()).transformer
+                else:
+                    name, config = FLOW_TRANSFORMERS[self.name]
+                    model = getattr(diffusers, name)(**config)
+            finally:
+                torch.set_default_dtype(default)
+        for buffer in model.buffers():       # SD3's fp32 position table in bf16, as from_pretrained(torch_dtype) has it
+            buffer.data = buffer.data.to(dtype) if buffer.is_floating_point() else buffer.data
+        self.config = model.config          # what the cached batches' widths follow
+        return model.to(self.device).requires_grad_(False).eval()
+
+    def model(self, dtype: Any, encoders_on_device: bool) -> Any:
+        return self.model_class(self.build_transformer(dtype), self.vae, [], [], self.schedule,
+                                source=f"random {self.unet_preset}")
+
+    def release(self) -> None:
+        pass
+
+    def cached_batch(self, b: int) -> dict:
+        """The latent-cache layout: 16-channel latents and T5 + CLIP conditioning at the pipelines' default lengths
+        (SD3: 77 CLIP + 256 T5 tokens; FLUX.1-dev: 512 T5 tokens)."""
+        import torch
+
+        h, length = self.resolution // 8, self.model_class.max_sequence_length
+        tokens = 77 + length if self.name == "sd35m" else length
+        cond = {"hidden": torch.randn(b, tokens, self.config.joint_attention_dim),
+                "pooled": torch.randn(b, self.config.pooled_projection_dim)}
+        r = self.resolution
+        return {"latent_mean": torch.randn(2 * b, 16, h, h), "latent_std": torch.full((2 * b, 16, h, h), 0.01),
+                "cond": cond, "original_sizes": torch.full((2 * b, 2), r, dtype=torch.long),
+                "crops": torch.zeros(2 * b, 2, dtype=torch.long), "indices": torch.arange(b), "num_skipped": 0}
+
+
 # ------------------------------------------------------------------------------------------------ diffalign's step
 class _NoData:
     """Stands in for the dataset the Trainer opens; batches are handed to train_step directly."""
@@ -256,7 +333,7 @@ def patched_trainer(model: Any):
 class DiffalignStep:
     """One case of diffalign: a Trainer over the in-memory model; ``step()`` is ``Trainer.train_step``."""
 
-    def __init__(self, case: Case, fam: Family, args: argparse.Namespace, out: Path) -> None:
+    def __init__(self, case: Case, fam: Family | FlowFamily, args: argparse.Namespace, out: Path) -> None:
         import torch
 
         from diffalign.config import load_config
@@ -304,7 +381,7 @@ class DiffusersExampleStep:
     train_diffusion_dpo_sdxl.py (diffusers 58eb52c0) in our own code, on the same random SDXL (see the module
     docstring for the sequence). Only the per-step work is kept; its data loading is left out."""
 
-    def __init__(self, case: Case, fam: Family, args: argparse.Namespace) -> None:
+    def __init__(self, case: Case, fam: Family | FlowFamily, args: argparse.Namespace) -> None:
         import torch
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
@@ -452,7 +529,7 @@ def measure(runner: Any, args: argparse.Namespace, res: dict, deadline: float) -
             break
 
 
-def run_case(case: Case, fam: Family, args: argparse.Namespace, seconds: float, work: Path) -> dict:
+def run_case(case: Case, fam: Family | FlowFamily, args: argparse.Namespace, seconds: float, work: Path) -> dict:
     """Build the case, measure it within ``seconds`` (SIGALRM stops it), free it; a failure is recorded, not raised."""
     import torch
 
@@ -662,7 +739,7 @@ def main() -> None:
     report.emit("")
     report.emit(HEADER)
     _on_term(report, peak)
-    fams: dict[str, Family] = {}
+    fams: dict[str, Family | FlowFamily] = {}
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     for i, case in enumerate(cases):
         left = args.budget_s - (time.perf_counter() - started)
@@ -673,7 +750,8 @@ def main() -> None:
             try:
                 if case.family not in fams:
                     t0 = time.perf_counter()
-                    fams[case.family] = Family(case.family, args.device, args.tiny)
+                    make = FlowFamily if case.family in FLOW_FAMILIES else Family
+                    fams[case.family] = make(case.family, args.device, args.tiny)
                     print(f"  ({case.family} encoders built in {time.perf_counter() - t0:.1f} s)", flush=True)
                 case.result = run_case(case, fams[case.family], args, min(share, left - 5), work)
             except Exception as err:  # noqa: BLE001

@@ -4,6 +4,7 @@
 #
 #   bash scripts/bench_gpu.sh                 # BUDGET_S=420 by default; the hard limit is BUDGET_S + 60 s
 #   BUDGET_S=300 PYTHON=.venv/bin/python bash scripts/bench_gpu.sh --cases sdxl-dpo-ckpt,diffusers-sdxl-dpo-ckpt
+#   bash scripts/bench_gpu.sh --families sd35m,flux     # a second run: SD3.5 Medium and FLUX.1-dev at 1024 px
 #
 # Needs a CUDA machine with torch; nothing is downloaded by the benchmark itself. diffalign is imported from this
 # checkout. If its dependencies do not import, the wheels in .whl/ (fetched beforehand by scripts/gpu_wheels.sh, on
