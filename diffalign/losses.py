@@ -82,7 +82,7 @@ def mapo(err_w: Tensor, err_l: Tensor, beta: float, s: float = 0.5,
     return loss, metrics
 
 
-__all__ = ["diffusion_dpo", "mapo", "mapo_link", "per_sample_mse"]
+__all__ = ["diffusion_dpo", "diffusion_nft", "mapo", "mapo_link", "nft_optimality", "per_sample_mse"]
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
@@ -109,4 +109,45 @@ def clipped_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor,
     loss = torch.maximum(unclipped, clipped).mean()
     metrics = {"ratio": ratio.mean().detach(),
                "clip_fraction": ((ratio - 1).abs() > clip_range).float().mean().detach()}
+    return loss, metrics
+
+
+def nft_optimality(advantages: Tensor, adv_clip_max: float) -> Tensor:
+    """DiffusionNFT's optimality probability r in [0, 1] of each sample: clip(A, -max, max) / max / 2 + 1/2."""
+    clipped = advantages.float().clamp(-adv_clip_max, adv_clip_max)
+    return (clipped / adv_clip_max / 2 + 0.5).clamp(0, 1)
+
+
+def _adaptive_x0_error(x0_pred: Tensor, x0: Tensor) -> Tensor:
+    """[B]: mean squared x0 error over mean |x0 error| (the weight detached, in fp64, at least 1e-5)."""
+    with torch.no_grad():
+        weight = (x0_pred.double() - x0.double()).abs().flatten(1).mean(1).clamp(min=1e-5)
+    return (x0_pred.float() - x0.float()).pow(2).flatten(1).mean(1) / weight.float()
+
+
+def diffusion_nft(x0_policy: Tensor, x0_old: Tensor, x0: Tensor, r: Tensor, beta: float,
+                  scale: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """DiffusionNFT (Zheng et al. 2025), negative-aware fine-tuning on the forward process, as NVlabs'
+    ``train_nft_sd3.py`` computes it, written in x0 space (the schedule's x0 is affine in the prediction, so the
+    mixtures below are the official velocity mixtures, converted):
+
+        x0+ = beta * x0_policy + (1 - beta) * x0_old            implicit positive policy
+        x0- = (1 + beta) * x0_old - beta * x0_policy            implicit negative policy
+        loss = scale * mean(r * e(x0+) + (1 - r) * e(x0-)) / beta
+        e(p) = mean((p - x0)^2) / mean|p - x0|                  per sample; the denominator detached
+
+    ``x0_old`` is the old (sampling) policy's x0 at the same (x_t, t), without gradient; ``r`` [B] the
+    optimality probability (``nft_optimality``); ``scale`` the official ``adv_clip_max`` factor. With
+    x0_policy = x0_old the gradient is (2r - 1) times a weighted denoising gradient: samples with r > 1/2 are
+    pulled toward, those below pushed away from.
+    """
+    x0_policy, x0_old, r = x0_policy.float(), x0_old.float().detach(), r.float()
+    positive = beta * x0_policy + (1 - beta) * x0_old
+    negative = (1 + beta) * x0_old - beta * x0_policy
+    e_pos, e_neg = _adaptive_x0_error(positive, x0), _adaptive_x0_error(negative, x0)
+    per_sample = (r * e_pos + (1 - r) * e_neg) / beta
+    loss = (per_sample * scale).mean()
+    metrics = {"loss": loss.detach(), "positive_loss": e_pos.mean().detach(),
+               "negative_loss": e_neg.mean().detach(),
+               "old_deviate": (x0_policy - x0_old).pow(2).mean().detach()}
     return loss, metrics

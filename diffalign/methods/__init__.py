@@ -10,6 +10,7 @@ from diffalign.methods.dpo import DiffusionDPO
 from diffalign.methods.grpo import GRPO
 from diffalign.methods.inpo import DDIMInPO
 from diffalign.methods.mapo import MaPO
+from diffalign.methods.nft import DiffusionNFT
 from diffalign.methods.raft import RAFT
 from diffalign.options import ConfigError
 
@@ -20,6 +21,7 @@ METHODS: dict[str, type] = {
     "alignprop": AlignProp,
     "grpo": GRPO,
     "raft": RAFT,
+    "nft": DiffusionNFT,
 }
 
 

@@ -66,8 +66,76 @@ class PromptStats:
         self.seen = {int(k): deque(v, maxlen=self.buffer_size) for k, v in state.items()}
 
 
+class RewardGroups:
+    """What the online methods that sample G images per prompt and score them share (GRPO, DiffusionNFT): the
+    reward, the group layout, the rollout conditioning and the advantages. Subclasses are dataclasses with the
+    fields ``reward``, ``group_size``, ``guidance_scale`` and ``advantages``."""
+
+    reward: Any
+    group_size: int
+    guidance_scale: float
+    advantages: str
+    _reward: Any = None
+    stats: PromptStats | None = None          # advantages=per_prompt only
+
+    @property
+    def reward_fn(self) -> Any:
+        if self._reward is None:
+            from diffalign.rewards import reward_from_config
+
+            self._reward = reward_from_config(self.reward)
+        return self._reward
+
+    def expanded(self, values: list) -> list:
+        """Each prompt's entry repeated G times: the layout of a rollout batch, group by group."""
+        return [v for v in values for _ in range(self.group_size)]
+
+    def conditioning(self, model: DiffusionModel, batch: dict) -> tuple[Any, Any]:
+        """(cond, uncond) of the batch's G-times repeated prompts, encoded once per rollout batch."""
+        if "_cond" not in batch:
+            prompts = self.expanded(batch["prompts"])
+            cond = model.sampling_cond(prompts, batch["size"])
+            uncond = model.null_cond(len(prompts), batch["size"]) if guidance_on(self.guidance_scale, model) else None
+            batch["_cond"] = (cond, uncond)
+        return batch["_cond"]
+
+    @staticmethod
+    def rollout_metrics(saved: dict) -> dict[str, Tensor]:
+        """What a rollout batch logs once per update: its rewards, their spread, the advantages' size and the
+        reward's own details."""
+        rewards = saved["rewards"]
+        return {"reward": rewards.mean(), "reward_std": rewards.std(unbiased=False),
+                "advantage_abs": saved["advantages"].abs().mean(),
+                **{f"reward_{k}": v for k, v in saved["info"].items()}}
+
+    def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """The whole loss at once, the sum of ``loss_parts`` (every part's graph kept until backward): for
+        direct calls and tests; the trainer backpropagates the parts one by one."""
+        total, logged = None, {}
+        for part, metrics in self.loss_parts(model, batch):
+            total = part if total is None else total + part
+            for key, value in metrics.items():
+                logged[key] = logged.get(key, 0) + value
+        return total, logged
+
+    def advantages_of(self, rewards: Tensor, batch: dict) -> Tensor:
+        if self.advantages == "group":
+            return losses.group_advantages(rewards, self.group_size)
+        everyone = self.gather(rewards)                     # the global batch, in rank order
+        if self.advantages == "group_batch_std":
+            grouped = rewards.view(-1, self.group_size)
+            return ((grouped - grouped.mean(1, keepdim=True)) / (everyone.std(unbiased=False) + 1e-4)).flatten()
+        keys = torch.tensor([prompt_key(p) for p in self.expanded(batch["prompts"])], device=rewards.device)
+        advantages = self.stats.advantages(self.gather(keys), everyone).to(rewards.device)
+        if "seeds" not in batch:
+            return advantages
+        seeds = batch["seeds"].to(rewards.device)
+        mine = torch.isin(self.gather(seeds), seeds)        # this process's rows (seeds are unique in a run)
+        return advantages[mine.repeat_interleave(self.group_size)]
+
+
 @dataclass
-class GRPO(Method):
+class GRPO(RewardGroups, Method):
     name: str = opt("grpo", "method name")
     reward: Any = opt("prompt_colour_match", "reward to maximise: a name from diffalign.rewards or a mapping "
                                              "{name: ..., option: value}; it need not be differentiable")
@@ -123,14 +191,6 @@ class GRPO(Method):
     def updates_per_batch(self) -> int:
         return self.updates_per_rollout
 
-    @property
-    def reward_fn(self) -> Any:
-        if self._reward is None:
-            from diffalign.rewards import reward_from_config
-
-            self._reward = reward_from_config(self.reward)
-        return self._reward
-
     def state_dict(self) -> dict:
         return {"prompt_stats": self.stats.state_dict()} if self.advantages == "per_prompt" else {}
 
@@ -138,19 +198,6 @@ class GRPO(Method):
         self.stats.load_state_dict(state.get("prompt_stats", {}))
 
     # ------------------------------------------------------------------------------ rollout phase
-    def expanded(self, values: list) -> list:
-        """Each prompt's entry repeated G times: the layout of a rollout batch, group by group."""
-        return [v for v in values for _ in range(self.group_size)]
-
-    def conditioning(self, model: DiffusionModel, batch: dict) -> tuple[Any, Any]:
-        """(cond, uncond) of the batch's G-times repeated prompts, encoded once per rollout batch."""
-        if "_cond" not in batch:
-            prompts = self.expanded(batch["prompts"])
-            cond = model.sampling_cond(prompts, batch["size"])
-            uncond = model.null_cond(len(prompts), batch["size"]) if guidance_on(self.guidance_scale, model) else None
-            batch["_cond"] = (cond, uncond)
-        return batch["_cond"]
-
     def prepare(self, model: DiffusionModel, batch: dict) -> dict:
         """Rollouts of G images per prompt, their rewards and advantages (no gradient)."""
         batch = dict(batch)
@@ -171,21 +218,6 @@ class GRPO(Method):
                             "info": {k: v.float().mean() for k, v in info.items()}}
         return batch
 
-    def advantages_of(self, rewards: Tensor, batch: dict) -> Tensor:
-        if self.advantages == "group":
-            return losses.group_advantages(rewards, self.group_size)
-        everyone = self.gather(rewards)                     # the global batch, in rank order
-        if self.advantages == "group_batch_std":
-            grouped = rewards.view(-1, self.group_size)
-            return ((grouped - grouped.mean(1, keepdim=True)) / (everyone.std(unbiased=False) + 1e-4)).flatten()
-        keys = torch.tensor([prompt_key(p) for p in self.expanded(batch["prompts"])], device=rewards.device)
-        advantages = self.stats.advantages(self.gather(keys), everyone).to(rewards.device)
-        if "seeds" not in batch:
-            return advantages
-        seeds = batch["seeds"].to(rewards.device)
-        mine = torch.isin(self.gather(seeds), seeds)        # this process's rows (seeds are unique in a run)
-        return advantages[mine.repeat_interleave(self.group_size)]
-
     # ------------------------------------------------------------------------------ update phase
     def loss_parts(self, model: DiffusionModel, batch: dict) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
         """One term per trained step: the clipped objective (and KL) of that step over the trained steps' count.
@@ -198,9 +230,7 @@ class GRPO(Method):
         cond, uncond = self.conditioning(model, batch)
         advantages = saved["advantages"]
         trained = self.trained_steps(traj)
-        rewards = saved["rewards"]
-        once = {"reward": rewards.mean(), "reward_std": rewards.std(unbiased=False),
-                "advantage_abs": advantages.abs().mean(), **{f"reward_{k}": v for k, v in saved["info"].items()}}
+        once = self.rollout_metrics(saved)
         for j, k in enumerate(trained):
             logp, mean, std = step_gaussian(model, traj, k, cond, uncond, self.guidance_scale)
             step_loss, metrics = losses.clipped_policy_loss(logp, traj.log_prob(k).to(logp.device),
@@ -223,15 +253,6 @@ class GRPO(Method):
         pool = torch.tensor(noisy)
         order = torch.stack([pool[torch.randperm(len(noisy))[:n]] for _ in range(traj.latents.shape[1])])  # [B, n]
         return list(order.T)
-
-    def loss(self, model: DiffusionModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """The whole loss at once (every step's graph kept until backward): for direct calls and tests."""
-        total, logged = None, {}
-        for part, metrics in self.loss_parts(model, batch):
-            total = part if total is None else total + part
-            for key, value in metrics.items():
-                logged[key] = logged.get(key, 0) + value
-        return total, logged
 
     def kl_to_reference(self, model: DiffusionModel, traj: Trajectory, k: int, cond: Any, uncond: Any,
                         mean: Tensor, std: Tensor) -> Tensor:
