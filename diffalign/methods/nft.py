@@ -49,7 +49,7 @@ class DiffusionNFT(RewardGroups, Method):
                                      "update always uses the conditional prediction", ge=0)
     beta: float = opt(1.0, "beta: how far the implicit positive and negative policies move from the old one "
                            "(official: 1.0; 0.1 for OCR and multi-reward)", gt=0)
-    advantages: str = opt("group_batch_std", "group: (r - group mean) / (group std + 1e-4); group_batch_std: "
+    advantages: str = opt("group_batch_std", "group: (reward - group mean) / (group std + 1e-4); group_batch_std: "
                                              "the group's mean and the global batch's std (the official default)",
                           choices=("group", "group_batch_std"))
     adv_clip_max: float = opt(5.0, "advantages are clipped to [-max, max] before r = A / max / 2 + 1/2; the loss "
