@@ -130,6 +130,29 @@ def all_cases() -> list[Case]:
 FLOW_FAMILIES = ("sd35m", "flux")        # SD3.5 Medium and FLUX.1-dev at 1024 px: pair methods on cached batches
 
 
+def seeded_build(device: Any, dtype: Any, make: Any) -> Any:
+    """``make()`` under seed 1, on ``device``, with ``dtype`` as the default dtype: every case's network starts
+    from the same weights, built in its storage dtype (half the memory of building in fp32)."""
+    import torch
+
+    default = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(1)
+        torch.set_default_dtype(dtype)
+        try:
+            return make()
+        finally:
+            torch.set_default_dtype(default)
+
+
+def pair_meta(b: int, resolution: int) -> dict:
+    """What a batch of B pairs carries besides its latents or pixels: sizes, crops, indices."""
+    import torch
+
+    return {"original_sizes": torch.full((2 * b, 2), resolution, dtype=torch.long),
+            "crops": torch.zeros(2 * b, 2, dtype=torch.long), "indices": torch.arange(b), "num_skipped": 0}
+
+
 class Family:
     """One family's frozen parts (VAE, text encoders, tokenizers, schedule), kept on the CPU between cases; the UNet
     is built afresh, with the same seed, for every case."""
@@ -175,19 +198,11 @@ class Family:
         return vae, encoders, tokenizers
 
     def build_unet(self, dtype: Any) -> Any:
-        import torch
         from diffusers import UNet2DConditionModel
 
         from diffalign.models.tiny import unet_config
 
-        default = torch.get_default_dtype()
-        with torch.random.fork_rng(devices=[]), torch.device(self.device):
-            torch.manual_seed(1)
-            torch.set_default_dtype(dtype)
-            try:
-                unet = UNet2DConditionModel(**unet_config(self.unet_preset))
-            finally:
-                torch.set_default_dtype(default)
+        unet = seeded_build(self.device, dtype, lambda: UNet2DConditionModel(**unet_config(self.unet_preset)))
         return unet.requires_grad_(False).eval()
 
     def model(self, dtype: Any, encoders_on_device: bool) -> Any:
@@ -217,7 +232,7 @@ class Family:
         if self.name == "sdxl":
             cond["pooled"] = torch.randn(b, self.text_encoders[-1].config.projection_dim)
         return {"latent_mean": torch.randn(2 * b, 4, h, h), "latent_std": torch.full((2 * b, 4, h, h), 0.01),
-                "cond": cond, **self._pair_meta(b)}
+                "cond": cond, **pair_meta(b, self.resolution)}
 
     def pixel_batch(self, b: int) -> dict:
         """The decoded-pairs layout (data/pairs.py collate_pairs): pixels [2B,3,H,W] in [-1,1] and B prompts."""
@@ -225,14 +240,7 @@ class Family:
 
         r = self.resolution
         return {"pixels": torch.rand(2 * b, 3, r, r) * 2 - 1, "prompts": [PROMPTS[i % 4] for i in range(b)],
-                **self._pair_meta(b)}
-
-    def _pair_meta(self, b: int) -> dict:
-        import torch
-
-        r = self.resolution
-        return {"original_sizes": torch.full((2 * b, 2), r, dtype=torch.long),
-                "crops": torch.zeros(2 * b, 2, dtype=torch.long), "indices": torch.arange(b), "num_skipped": 0}
+                **pair_meta(b, self.resolution)}
 
     def prompt_batch(self, b: int) -> dict:
         import torch
@@ -261,23 +269,17 @@ class FlowFamily:
 
     def build_transformer(self, dtype: Any) -> Any:
         import diffusers
-        import torch
 
         from diffalign.models.full_size import FLOW_TRANSFORMERS
         from diffalign.models.tiny import _flux_pipeline, _sd3_pipeline
 
-        default = torch.get_default_dtype()
-        with torch.random.fork_rng(devices=[]), torch.device(self.device):
-            torch.manual_seed(1)
-            torch.set_default_dtype(dtype)
-            try:
-                if self.tiny:
-                    model = (_sd3_pipeline() if self.name == "sd35m" else _flux_pipeline()).transformer
-                else:
-                    name, config = FLOW_TRANSFORMERS[self.name]
-                    model = getattr(diffusers, name)(**config)
-            finally:
-                torch.set_default_dtype(default)
+        def make() -> Any:
+            if self.tiny:
+                return (_sd3_pipeline() if self.name == "sd35m" else _flux_pipeline()).transformer
+            name, config = FLOW_TRANSFORMERS[self.name]
+            return getattr(diffusers, name)(**config)
+
+        model = seeded_build(self.device, dtype, make)
         for buffer in model.buffers():       # SD3's fp32 position table in bf16, as from_pretrained(torch_dtype) has it
             buffer.data = buffer.data.to(dtype) if buffer.is_floating_point() else buffer.data
         self.config = model.config          # what the cached batches' widths follow
@@ -299,10 +301,8 @@ class FlowFamily:
         tokens = 77 + length if self.name == "sd35m" else length
         cond = {"hidden": torch.randn(b, tokens, self.config.joint_attention_dim),
                 "pooled": torch.randn(b, self.config.pooled_projection_dim)}
-        r = self.resolution
         return {"latent_mean": torch.randn(2 * b, 16, h, h), "latent_std": torch.full((2 * b, 16, h, h), 0.01),
-                "cond": cond, "original_sizes": torch.full((2 * b, 2), r, dtype=torch.long),
-                "crops": torch.zeros(2 * b, 2, dtype=torch.long), "indices": torch.arange(b), "num_skipped": 0}
+                "cond": cond, **pair_meta(b, self.resolution)}
 
 
 # ------------------------------------------------------------------------------------------------ diffalign's step
