@@ -97,16 +97,28 @@ def test_nft_prepares_old_predictions_and_updates_only_the_adapters(family, tiny
     torch.testing.assert_close(again["nft"]["t"], saved["t"][:, 3:])   # an example's draws follow its seed
 
 
-def test_nft_trains_from_the_cli(tiny_pipelines, tmp_path):
+def test_nft_trains_from_the_cli_and_resumes_exactly_inside_a_rollout_cycle(tiny_pipelines, tmp_path):
+    """Two minibatches per rollout phase; a run stopped after step 3 holds step 4's prepared batch (rollouts, noised
+    latents, the old policy's x0) in its checkpoint, and resuming it ends bit-identical to the run that did not
+    stop."""
+    from safetensors.torch import load_file
+
     from diffalign import cli
 
-    out, config = tmp_path / "run", tmp_path / "nft.yaml"
+    config = tmp_path / "nft.yaml"
     text = open("configs/tiny_grpo_sd15.yaml").read()
     config.write_text(text[: text.index("method:")] + "method:\n  name: nft\n")
-    assert cli.main(["train", str(config), f"model.pretrained={tiny_pipelines['sd15']}", f"output_dir={out}",
-                     "method.reward=brightness", "method.group_size=2", "method.num_steps=2",
-                     "train.max_steps=2", "train.log_every=1"]) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
+    common = ["train", str(config), f"model.pretrained={tiny_pipelines['sd15']}", "method.reward=brightness",
+              "method.group_size=2", "method.num_steps=2", "method.minibatches=2", "train.batch_size=1",
+              "train.checkpoint_every=1", "train.log_every=1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main([*common, f"output_dir={a}", "train.max_steps=4"]) == 0
+    assert cli.main([*common, f"output_dir={b}", "train.max_steps=3"]) == 0
+    assert cli.main([*common, f"output_dir={b}", "train.max_steps=4", "train.resume=latest"]) == 0
+    rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all({"reward", "positive_loss", "negative_loss", "kl"} <= r.keys() for r in rows)
-    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert rows[0]["old_deviate"] == 0 and rows[1]["old_deviate"] > 0    # step 2 trains on step 1's rollouts
+    wa = load_file(a / "final" / "pytorch_lora_weights.safetensors")
+    wb = load_file(b / "final" / "pytorch_lora_weights.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
