@@ -186,7 +186,7 @@ class ParquetPairs:
         import pyarrow as pa
 
         layout = self.layout
-        uid_names = layout.uids if uids and layout.uids else ()
+        uid_names = layout.uids if uids else ()    # uids: every file has the layout's uid columns
         wanted = [*((layout.label,) if layout.label else ()), layout.prompt, *uid_names]
         labels, captions, uid_columns = [], [], [[] for _ in uid_names]
         for k in files:

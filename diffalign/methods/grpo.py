@@ -75,7 +75,7 @@ class RewardGroups:
     group_size: int
     guidance_scale: float
     advantages: str
-    _reward: Any = None
+    _reward: Any = None                        # the reward model, built on first use (reward_fn)
     stats: PromptStats | None = None          # advantages=per_prompt only
 
     @property
@@ -180,7 +180,6 @@ class GRPO(RewardGroups, Method):
                               "within groups, which needs at least 2 images per prompt")
         if self.sde_window > self.num_steps:
             raise ConfigError(f"method.sde_window = {self.sde_window} exceeds method.num_steps = {self.num_steps}")
-        self._reward: Any = None
         self.stats = PromptStats(self.stat_buffer, self.stat_min_count)
 
     @property

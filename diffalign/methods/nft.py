@@ -66,9 +66,6 @@ class DiffusionNFT(RewardGroups, Method):
     data = "prompts"
     many_grad_calls = True     # one denoiser call with gradient per trained level: the trainer syncs gradients
 
-    def __post_init__(self) -> None:
-        self._reward: Any = None
-
     @property
     def needs_reference(self) -> bool:
         return self.kl_beta > 0
